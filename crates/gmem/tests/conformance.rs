@@ -90,19 +90,27 @@ fn create_matches_the_kernel() {
             let kernel = kernel_create(&vm, size, flags).map_or_else(|errno| errno, |_| 0);
             let ours = errno_of(GuestMemFile::create(size, GmemFlags(flags), Backend::Memfd));
             if kernel != ours {
-                mismatches.push(format!("create(size {size:#x}, flags {flags:#x}): kernel {kernel}, ours {ours}"));
+                mismatches.push(format!(
+                    "create(size {size:#x}, flags {flags:#x}): kernel {kernel}, ours {ours}"
+                ));
             }
         }
     }
     eprintln!("create: {cases} cases compared with the kernel");
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 }
 
 #[test]
 fn fallocate_matches_the_kernel() {
     let Some(vm) = kernel_vm() else { return };
     let kernel_file = kernel_create(&vm, FILE_SIZE as u64, 3).expect("kernel guest_memfd");
-    let ours = GuestMemFile::create(FILE_SIZE as u64, GmemFlags::HOST_ACCESSIBLE, Backend::Memfd).expect("create");
+    let ours = GuestMemFile::create(FILE_SIZE as u64, GmemFlags::HOST_ACCESSIBLE, Backend::Memfd)
+        .expect("create");
     // Every mode bit alone and combined (the 8 defined bits), plus bits the
     // kernel does not define and a negative mode.
     let mut modes: Vec<i32> = (0..=0xff).collect();
@@ -153,7 +161,12 @@ fn fallocate_matches_the_kernel() {
     }
     eprintln!("fallocate: {cases} cases compared with the kernel, {accepted} accepted by it");
     assert!(accepted > 0, "the table never reached a successful call");
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 }
 
 #[test]
@@ -166,6 +179,10 @@ fn ftruncate_is_refused_like_the_kernel() {
     let kernel_file = kernel_create(&vm, FILE_SIZE as u64, 3).expect("kernel guest_memfd");
     let kernel = rustix::fs::ftruncate(&kernel_file, 2 * FILE_SIZE as u64);
     assert_eq!(kernel, Err(rustix::io::Errno::INVAL));
-    let ours = GuestMemFile::create(FILE_SIZE as u64, GmemFlags::HOST_ACCESSIBLE, Backend::Kvm).expect("create");
-    assert_eq!(rustix::fs::ftruncate(ours.as_fd(), 2 * FILE_SIZE as u64), Err(rustix::io::Errno::INVAL));
+    let ours = GuestMemFile::create(FILE_SIZE as u64, GmemFlags::HOST_ACCESSIBLE, Backend::Kvm)
+        .expect("create");
+    assert_eq!(
+        rustix::fs::ftruncate(ours.as_fd(), 2 * FILE_SIZE as u64),
+        Err(rustix::io::Errno::INVAL)
+    );
 }
