@@ -515,15 +515,18 @@ mod tests {
 
     #[test]
     fn exited_threads_give_their_slots_back() {
-        let domain = Srcu::new();
+        static DOMAIN: Srcu = Srcu::new();
         for _ in 0..64 {
-            std::thread::scope(|scope| {
-                scope.spawn(|| drop(domain.read_lock()));
-            });
+            // `JoinHandle::join` waits for the thread to exit, thread-local
+            // destructors included (a scope's implicit join does not: it
+            // returns when the closure is done, before those destructors).
+            std::thread::spawn(|| drop(DOMAIN.read_lock()))
+                .join()
+                .expect("reader thread");
         }
         // One thread at a time: each new thread reuses the freed slot.
-        assert_eq!(domain.slot_count(), 1);
-        domain.synchronize();
+        assert_eq!(DOMAIN.slot_count(), 1);
+        DOMAIN.synchronize();
     }
 
     #[test]
