@@ -385,6 +385,11 @@ impl RunningMachine {
         &self.shell.vm
     }
 
+    /// When each vCPU first entered `KVM_RUN` in this run (None: not yet).
+    pub fn first_entries(&self) -> Vec<Option<Instant>> {
+        self.running.first_entries()
+    }
+
     /// The running vCPUs, to kick or wait for.
     pub fn vcpus(&mut self) -> &mut RunningVcpus {
         &mut self.running

@@ -59,6 +59,9 @@ pub mod offsets {
     /// Nonzero: report through port I/O, else through the MMIO doorbell
     /// (host-written).
     pub const REPORT_VIA_PORT: u64 = 0x80;
+    /// Nonzero: store the next gap in PROBED_GAP, then clear this
+    /// (host-written while the vCPU is stopped; guest-cleared).
+    pub const GAP_PROBE: u64 = 0x88;
     /// Loop iterations (guest-written).
     pub const ITERATIONS: u64 = 0x100;
     /// Pages written (guest-written).
@@ -93,6 +96,8 @@ pub mod offsets {
     pub const FINAL_VERIFIED: u64 = 0x178;
     /// 1 once the final check is over (guest-written).
     pub const DONE: u64 = 0x180;
+    /// The gap the armed probe caught, in TSC ticks (guest-written).
+    pub const PROBED_GAP: u64 = 0x188;
 }
 
 /// The program's report channels, as `program.S` defines them (`.set CH_*`).
@@ -213,6 +218,37 @@ pub fn request_final_check(memory: &GuestMemoryMmap, layout: &GuestLayout) -> Re
         write_object(memory, layout.control_block(vcpu) + offsets::COMMAND, 1u64)?;
     }
     Ok(())
+}
+
+/// Arms every vCPU's gap probe: the next gap each vCPU sees (the one
+/// spanning the stop, when called while the vCPUs are stopped) is stored
+/// for [`probed_gaps`]. Call it only while the vCPUs are stopped.
+///
+/// # Errors
+/// - [`crate::VmmError::GuestMemory`] (EFAULT): the memory is smaller than the layout.
+pub fn arm_gap_probe(memory: &GuestMemoryMmap, layout: &GuestLayout) -> Result<()> {
+    for vcpu in 0..layout.vcpus() {
+        let block = layout.control_block(vcpu);
+        write_object(memory, block + offsets::PROBED_GAP, 0u64)?;
+        write_object(memory, block + offsets::GAP_PROBE, 1u64)?;
+    }
+    Ok(())
+}
+
+/// Per vCPU, the gap the armed probe caught, in TSC ticks (None: the vCPU
+/// has not run an iteration since the probe was armed).
+///
+/// # Errors
+/// - [`crate::VmmError::GuestMemory`] (EFAULT): the memory is smaller than the layout.
+pub fn probed_gaps(memory: &GuestMemoryMmap, layout: &GuestLayout) -> Result<Vec<Option<u64>>> {
+    (0..layout.vcpus())
+        .map(|vcpu| {
+            let block = layout.control_block(vcpu);
+            let armed: u64 = read_object(memory, block + offsets::GAP_PROBE)?;
+            let gap: u64 = read_object(memory, block + offsets::PROBED_GAP)?;
+            Ok((armed == 0 && gap != 0).then_some(gap))
+        })
+        .collect()
 }
 
 /// One vCPU's counters, as its control block holds them.

@@ -18,8 +18,10 @@
 # Each vCPU owns a partition of data pages [data_base, data_base + count*4K).
 # One loop iteration:
 #   1. reads the TSC; the time since the previous iteration is the "gap";
-#      the largest gap is kept, and a gap above the host's threshold is
-#      reported at once (port GAP);
+#      the largest gap is kept, a gap above the host's threshold is
+#      reported at once (channel GAP), and if the host armed the gap probe
+#      (while the vCPU was stopped) this gap is stored in PROBED_GAP and the
+#      probe disarmed: that is the gap the guest saw across a live update;
 #   2. writes the next page of its partition in full: q[0] = the page's
 #      address, q[1] = its sequence number (generation * count + index + 1),
 #      q[2..511] = seq * golden + k, q[511] = the sum of q[0..511]. Pages are
@@ -62,6 +64,7 @@
         .set CB_COMMAND,            0x58
         .set CB_ONES,               0x60
         .set CB_REPORT_VIA_PORT,    0x80
+        .set CB_GAP_PROBE,          0x88
 # Control block, written by the guest.
         .set CB_ITERATIONS,         0x100
         .set CB_PAGES_WRITTEN,      0x108
@@ -80,6 +83,7 @@
         .set CB_REGISTER_MISMATCHES, 0x170
         .set CB_FINAL_VERIFIED,     0x178
         .set CB_DONE,               0x180
+        .set CB_PROBED_GAP,         0x188
 
         .set PORT_BASE,              0x3f0
         .set CH_PROGRESS,            0
@@ -120,6 +124,10 @@ main_loop:
         cmp     rcx, [rbx + CB_MAX_GAP]
         jbe     1f
         mov     [rbx + CB_MAX_GAP], rcx
+1:      cmp     qword ptr [rbx + CB_GAP_PROBE], 0
+        je      1f
+        mov     [rbx + CB_PROBED_GAP], rcx
+        mov     qword ptr [rbx + CB_GAP_PROBE], 0
 1:      cmp     rcx, [rbx + CB_GAP_THRESHOLD]
         jbe     2f
         mov     [rbx + CB_BIG_GAP], rcx

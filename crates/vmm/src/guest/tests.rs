@@ -45,6 +45,8 @@ fn control_block_offsets_match_the_source() {
         ("CB_COMMAND", offsets::COMMAND),
         ("CB_ONES", offsets::ONES),
         ("CB_REPORT_VIA_PORT", offsets::REPORT_VIA_PORT),
+        ("CB_GAP_PROBE", offsets::GAP_PROBE),
+        ("CB_PROBED_GAP", offsets::PROBED_GAP),
         ("CB_ITERATIONS", offsets::ITERATIONS),
         ("CB_PAGES_WRITTEN", offsets::PAGES_WRITTEN),
         ("CB_PAGES_VERIFIED", offsets::PAGES_VERIFIED),
