@@ -15,6 +15,7 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod state;
+pub mod time;
 pub mod vcpu;
 
 pub use error::{Result, VmmError};
