@@ -20,8 +20,8 @@
 //! | `0x50000..0x70000` | one 4 KiB control block per vCPU (32 at most) |
 //! | `0x70000..0x90000` | one 4 KiB stack per vCPU |
 //! | `0x100000` | the guest program |
-//! | `0x200000..0x300000` | one 32 KiB trace ring per vCPU |
-//! | `0x400000..size` | data pages, split evenly between the vCPUs |
+//! | `0x200000..0x600000` | one 128 KiB trace ring per vCPU |
+//! | `0x800000..size` | data pages, split evenly between the vCPUs |
 //! | `size rounded up to 2 MiB` | the doorbell: mapped by the page tables, backed by no memslot, so a guest access is an MMIO exit |
 //!
 //! Invariant: every address the host or guest uses below `DATA_BASE` is
@@ -61,18 +61,20 @@ pub const CODE_ADDRESS: u64 = 0x10_0000;
 pub const MAX_CODE_BYTES: u64 = TRACE_BASE - CODE_ADDRESS;
 /// First trace ring; vCPU `i`'s is at `TRACE_BASE + i * TRACE_RING_BYTES`.
 pub const TRACE_BASE: u64 = 0x20_0000;
-/// Bytes of one vCPU's trace ring.
-pub const TRACE_RING_BYTES: u64 = 32 << 10;
+/// Bytes of one vCPU's trace ring: 8192 entries, at one entry per 256
+/// iterations about 1.3 s of a guest at full speed, enough to hold the
+/// window before a live update and the recovery after it.
+pub const TRACE_RING_BYTES: u64 = 128 << 10;
 /// Bytes of one trace entry: (TSC, iterations).
 pub const TRACE_ENTRY_BYTES: u64 = 16;
 /// Entries in one trace ring (a power of two, the guest masks with it).
 pub const TRACE_CAPACITY: u64 = TRACE_RING_BYTES / TRACE_ENTRY_BYTES;
 /// First data page.
-pub const DATA_BASE: u64 = 0x40_0000;
+pub const DATA_BASE: u64 = 0x80_0000;
 /// vCPUs the control-block, stack and trace areas have room for.
 pub const MAX_VCPUS: u32 = 32;
 /// Smallest guest: the fixed areas plus a little data for each vCPU.
-pub const MIN_MEMORY_SIZE: u64 = 8 << 20;
+pub const MIN_MEMORY_SIZE: u64 = 16 << 20;
 /// Largest guest: the page directories map 64 GiB, one large page of which
 /// is the doorbell.
 pub const MAX_MEMORY_SIZE: u64 = MAX_PAGE_DIRECTORIES * PAGE_DIRECTORY_SPAN - LARGE_PAGE_SIZE;
@@ -121,7 +123,7 @@ impl GuestLayout {
             return Err(invalid("not a multiple of 2 MiB"));
         }
         if memory_size < MIN_MEMORY_SIZE {
-            return Err(invalid("below the 8 MiB minimum"));
+            return Err(invalid("below the 16 MiB minimum"));
         }
         if memory_size > MAX_MEMORY_SIZE {
             return Err(invalid("above the 64 GiB the guest page tables map"));

@@ -13,9 +13,12 @@ pub mod error;
 pub mod guest;
 pub mod layout;
 pub mod machine;
+pub mod measure;
 pub mod memory;
+pub mod prefault;
 pub mod state;
 pub mod time;
+pub mod update;
 pub mod vcpu;
 
 pub use error::{Result, VmmError};

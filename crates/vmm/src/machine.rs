@@ -67,12 +67,16 @@ impl BuildTimings {
 /// A VM with its memory and stopped vCPUs.
 #[derive(Debug)]
 pub struct Machine {
-    kvm: Kvm,
-    vm: VmFd,
-    memory: Arc<GuestMemory>,
-    layout: GuestLayout,
-    vcpus: Vec<Vcpu>,
-    timings: BuildTimings,
+    pub(crate) kvm: Kvm,
+    pub(crate) vm: VmFd,
+    pub(crate) memory: Arc<GuestMemory>,
+    pub(crate) layout: GuestLayout,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) timings: BuildTimings,
+    /// The prefault program's memory, once [`Machine::prefault`] added it.
+    /// Its memslot is never removed: deleting a memslot makes x86 KVM zap
+    /// every shadow page, which would undo the prefault.
+    pub(crate) scratch: Option<crate::prefault::Scratch>,
 }
 
 impl Machine {
@@ -160,6 +164,7 @@ impl Machine {
             layout,
             vcpus,
             timings,
+            scratch: None,
         })
     }
 
@@ -281,6 +286,7 @@ impl Machine {
             layout,
             vcpus,
             timings,
+            scratch,
         } = self;
         let running = RunningVcpus::start(vcpus, handler)?;
         Ok(RunningMachine {
@@ -290,6 +296,7 @@ impl Machine {
                 memory,
                 layout,
                 timings,
+                scratch,
             },
             running,
         })
@@ -346,6 +353,7 @@ struct Shell {
     memory: Arc<GuestMemory>,
     layout: GuestLayout,
     timings: BuildTimings,
+    scratch: Option<crate::prefault::Scratch>,
 }
 
 /// A machine whose vCPUs are running.
@@ -464,6 +472,7 @@ impl RunningMachine {
             memory,
             layout,
             timings,
+            scratch,
         } = shell;
         (
             Machine {
@@ -473,6 +482,7 @@ impl RunningMachine {
                 layout,
                 vcpus,
                 timings,
+                scratch,
             },
             StopReport {
                 ends,

@@ -39,6 +39,36 @@ pub unsafe trait GuestRam: Send + Sync + std::fmt::Debug {
     fn size(&self) -> u64;
     /// Start of this process's mapping of the whole file.
     fn host_address(&self) -> NonNull<u8>;
+    /// Bytes of one page (folio) of the file: KVM maps at most this much
+    /// per fault.
+    fn page_size(&self) -> u64 {
+        PAGE_SIZE
+    }
+}
+
+/// The ranges of `ram`'s file that hold pages (`SEEK_DATA`/`SEEK_HOLE`,
+/// which shmem and hugetlbfs answer from their page cache), in order.
+///
+/// # Errors
+/// - [`VmmError::MemoryFile`]: `lseek` failed (ENXIO past the last page is
+///   the normal end and not an error).
+pub fn populated_ranges(ram: &dyn GuestRam) -> Result<Vec<std::ops::Range<u64>>> {
+    use rustix::fs::SeekFrom;
+    let mut ranges = Vec::new();
+    let mut offset = 0u64;
+    let size = ram.size();
+    while offset < size {
+        let data = match rustix::fs::seek(ram.file(), SeekFrom::Data(offset)) {
+            Ok(data) => data,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(errno) => return Err(VmmError::memory_file("lseek(SEEK_DATA)", errno)),
+        };
+        let hole = rustix::fs::seek(ram.file(), SeekFrom::Hole(data))
+            .map_err(|errno| VmmError::memory_file("lseek(SEEK_HOLE)", errno))?;
+        ranges.push(data..hole.min(size));
+        offset = hole;
+    }
+    Ok(ranges)
 }
 
 /// Guest RAM in a plain memfd (shmem), mapped shared.
@@ -47,6 +77,7 @@ pub struct MemfdRam {
     file: OwnedFd,
     size: u64,
     mapping: NonNull<u8>,
+    page_size: u64,
 }
 
 // SAFETY: the mapping is shared memory owned by this object; moving the
@@ -67,12 +98,32 @@ impl MemfdRam {
     /// - [`VmmError::MemoryFile`]: `memfd_create` (EMFILE, ENOMEM),
     ///   `ftruncate` (EFBIG, ENOSPC) or `mmap` (ENOMEM) failed.
     pub fn create(size: u64) -> Result<Self> {
+        Self::create_with_pages(size, PageSize::Small)
+    }
+
+    /// As [`Self::create`], backed by `pages`. With [`PageSize::Huge2M`] the
+    /// memfd is hugetlbfs (`MFD_HUGETLB | MFD_HUGE_2MB`): every 2 MiB of
+    /// guest memory is one folio, so KVM maps it with one fault instead of
+    /// 512. The pages come from the hugetlb pool (`/proc/sys/vm/nr_hugepages`).
+    ///
+    /// # Errors
+    /// As [`Self::create`]; also EINVAL for a size that is not a multiple
+    /// of the page size, and ENOMEM from `mmap` or on first touch when the
+    /// pool is too small.
+    pub fn create_with_pages(size: u64, pages: PageSize) -> Result<Self> {
         check_size(size)?;
-        let file = rustix::fs::memfd_create(
-            "gmem-lu-guest-ram",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .map_err(|errno| VmmError::memory_file("memfd_create", errno))?;
+        let mut flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+        if pages == PageSize::Huge2M {
+            if !size.is_multiple_of(HUGE_PAGE_SIZE) {
+                return Err(VmmError::InvalidMemorySize {
+                    size,
+                    reason: "not a multiple of the 2 MiB huge page size",
+                });
+            }
+            flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
+        }
+        let file = rustix::fs::memfd_create("gmem-lu-guest-ram", flags)
+            .map_err(|errno| VmmError::memory_file("memfd_create", errno))?;
         rustix::fs::ftruncate(&file, size)
             .map_err(|errno| VmmError::memory_file("ftruncate", errno))?;
         // The size is the guest's contract; sealing it stops anyone holding
@@ -124,10 +175,16 @@ impl MemfdRam {
             operation: "mmap",
             errno: libc::ENOMEM,
         })?;
+        // hugetlbfs reports its page size as the file's block size.
+        let page_size = rustix::fs::fstat(&file)
+            .map(|stat| stat.st_blksize as u64)
+            .unwrap_or(PAGE_SIZE)
+            .max(PAGE_SIZE);
         Ok(Self {
             file,
             size,
             mapping,
+            page_size,
         })
     }
 
@@ -146,6 +203,19 @@ impl MemfdRam {
     pub fn populate(&self, offset: u64, length: u64) -> Result<()> {
         populate_mapping(self, offset, length)
     }
+}
+
+/// Bytes of a 2 MiB huge page.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// The page size backing guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PageSize {
+    /// 4 KiB shmem pages.
+    #[default]
+    Small,
+    /// 2 MiB hugetlb pages.
+    Huge2M,
 }
 
 fn check_size(size: u64) -> Result<()> {
@@ -199,6 +269,10 @@ unsafe impl GuestRam for MemfdRam {
 
     fn host_address(&self) -> NonNull<u8> {
         self.mapping
+    }
+
+    fn page_size(&self) -> u64 {
+        self.page_size
     }
 }
 
@@ -317,6 +391,24 @@ mod tests {
         let ram = MemfdRam::create(PAGE_SIZE * 4).unwrap();
         let error = rustix::fs::ftruncate(ram.file(), PAGE_SIZE).unwrap_err();
         assert_eq!(error, rustix::io::Errno::PERM, "size seal missing");
+    }
+
+    #[test]
+    fn populated_ranges_follow_the_pages_written() {
+        let ram = MemfdRam::create(PAGE_SIZE * 64).unwrap();
+        assert_eq!(ram.page_size(), PAGE_SIZE);
+        assert!(populated_ranges(&ram).unwrap().is_empty());
+        let memory = GuestMemory::new(Arc::new(ram)).unwrap();
+        for page in [3u64, 4, 5, 40] {
+            memory
+                .view()
+                .write_obj(1u8, GuestAddress(page * PAGE_SIZE + 7))
+                .unwrap();
+        }
+        assert_eq!(
+            populated_ranges(memory.ram().as_ref()).unwrap(),
+            vec![3 * PAGE_SIZE..6 * PAGE_SIZE, 40 * PAGE_SIZE..41 * PAGE_SIZE]
+        );
     }
 
     #[test]

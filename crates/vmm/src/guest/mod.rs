@@ -10,8 +10,9 @@
 //! control blocks; [`GuestReport`] reads a control block back;
 //! [`GuestMonitor`] is the [`ExitHandler`] that turns the program's port and
 //! MMIO exits into events; [`check_pages`] verifies the pages from the host
-//! while the vCPUs are stopped; [`read_trace`] reads the (TSC, iterations)
-//! ring a recovery measurement is computed from.
+//! while the vCPUs are stopped; the (TSC, iterations) trace rings a
+//! recovery measurement is computed from are read by
+//! [`crate::measure::TraceCollector`].
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -149,7 +150,7 @@ impl Default for GuestOptions {
     fn default() -> Self {
         Self {
             report_shift: 16,
-            trace_shift: 6,
+            trace_shift: 8,
             // 1 ms at 2.6 GHz: long enough that ordinary host scheduling
             // noise stays below it most of the time, short enough that a
             // live-update blackout is always above it.
@@ -556,29 +557,6 @@ pub struct TraceEntry {
     pub tsc: u64,
     /// Iterations completed at that point.
     pub iterations: u64,
-}
-
-/// Reads the newest entries (up to the ring's capacity) of vCPU `vcpu`'s
-/// trace ring, oldest first. Entries being overwritten by a running guest
-/// may be torn; callers use it on a stopped guest or discard entries whose
-/// TSC does not increase.
-///
-/// # Errors
-/// - [`VmmError::GuestMemory`] (EFAULT): the memory is smaller than the layout.
-pub fn read_trace(
-    memory: &GuestMemoryMmap,
-    layout: &GuestLayout,
-    vcpu: u32,
-) -> Result<Vec<TraceEntry>> {
-    let next: u64 = read_object(memory, layout.control_block(vcpu) + offsets::TRACE_NEXT)?;
-    let first = next.saturating_sub(TRACE_CAPACITY);
-    let mut entries = Vec::with_capacity((next - first) as usize);
-    for sequence in first..next {
-        let address = layout.trace_ring(vcpu) + (sequence % TRACE_CAPACITY) * 16;
-        let [tsc, iterations] = read_object::<[u64; 2]>(memory, address)?;
-        entries.push(TraceEntry { tsc, iterations });
-    }
-    Ok(entries)
 }
 
 #[cfg(test)]

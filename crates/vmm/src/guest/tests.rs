@@ -100,9 +100,18 @@ fn fill_multiplier_matches_the_source() {
     );
 }
 
-/// Reassembles `program.S` with GNU as and objcopy and compares the bytes.
+/// Reassembles both programs with GNU as and objcopy and compares the bytes.
 #[test]
 fn guest_program_matches_source() {
+    assemble_and_compare("program.S", PROGRAM_SOURCE, PROGRAM);
+    assemble_and_compare(
+        "prefault.S",
+        crate::prefault::PROGRAM_SOURCE,
+        crate::prefault::PROGRAM,
+    );
+}
+
+fn assemble_and_compare(name: &str, source_text: &str, bytes: &[u8]) {
     let have = |tool: &str| {
         std::process::Command::new(tool)
             .arg("--version")
@@ -116,12 +125,12 @@ fn guest_program_matches_source() {
         );
         return;
     }
-    let directory = std::env::temp_dir().join(format!("vmm-guest-{}", std::process::id()));
+    let directory = std::env::temp_dir().join(format!("vmm-guest-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&directory).unwrap();
-    let source = directory.join("program.S");
+    let source = directory.join(name);
     let object = directory.join("program.o");
     let binary = directory.join("program.bin");
-    std::fs::write(&source, PROGRAM_SOURCE).unwrap();
+    std::fs::write(&source, source_text).unwrap();
     let status = std::process::Command::new("as")
         .arg("--64")
         .arg("-o")
@@ -129,7 +138,7 @@ fn guest_program_matches_source() {
         .arg(&source)
         .status()
         .unwrap();
-    assert!(status.success(), "as failed on program.S");
+    assert!(status.success(), "as failed on {name}");
     let status = std::process::Command::new("objcopy")
         .args(["-O", "binary", "-j", ".text"])
         .arg(&object)
@@ -141,18 +150,18 @@ fn guest_program_matches_source() {
     std::fs::remove_dir_all(&directory).unwrap();
     if let Some(offset) = assembled
         .iter()
-        .zip(PROGRAM)
+        .zip(bytes)
         .position(|(new, old)| new != old)
     {
         panic!(
-            "program.bin differs from program.S at byte {offset:#x}: \
+            "the embedded bytes differ from {name} at byte {offset:#x}: \
              run crates/vmm/guest-build.sh"
         );
     }
     assert_eq!(
         assembled.len(),
-        PROGRAM.len(),
-        "program.bin has a different length from program.S: run crates/vmm/guest-build.sh"
+        bytes.len(),
+        "the embedded bytes have a different length from {name}: run crates/vmm/guest-build.sh"
     );
 }
 

@@ -66,3 +66,23 @@ pub fn wait_for_iterations(
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Waits until every vCPU's gap probe has caught its gap; returns the gaps.
+pub fn wait_for_gaps(
+    memory: &GuestMemory,
+    layout: &vmm::layout::GuestLayout,
+    timeout: Duration,
+) -> Vec<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let gaps = vmm::guest::probed_gaps(memory.view(), layout).expect("gaps");
+        if gaps.iter().all(Option::is_some) {
+            return gaps.into_iter().flatten().collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest gap probe never caught a gap: {gaps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

@@ -1,0 +1,320 @@
+//! A live update of the monitor inside one process: the KVM half of every
+//! handover mode, measured phase by phase.
+//!
+//! A successor process does exactly this after receiving the memory file
+//! and the state record (exec and luod modes) or before the switch
+//! (transfer mode); doing it in-process isolates the KVM costs from the
+//! transport's. The new VM sees guest memory through a fresh mapping of the
+//! same file, as a successor process would.
+//!
+//! Success path:
+//! 1. (`prebuild`) map the memory file again and build the new VM, memslot
+//!    and vCPUs while the guest still runs; (`populate`) fill the new
+//!    mapping's page tables for all of guest memory (`MADV_POPULATE_WRITE`);
+//!    (`prefault`) run the prefault program over the populated memory in
+//!    the new VM, so its shadow page tables exist before the switch;
+//! 2. kick every vCPU and wait for all to stop (the blackout starts at the
+//!    last stop);
+//! 3. capture the state, encode it into a sealed memfd, decode it back (the
+//!    bytes a successor would receive);
+//! 4. record each vCPU's last TSC and arm the guest's gap probe;
+//! 5. (without `prebuild`) map and build now, inside the blackout;
+//! 6. restore the state into the new VM and start its vCPUs (the blackout
+//!    ends at the first vCPU entry); drop the old VM.
+//!
+//! Failure paths (the error carries what is left of the old machine,
+//! [`OldMachine`]):
+//! 1. building the successor ahead fails: the old machine is still running;
+//! 2. a vCPU does not stop within `stop_timeout` (blocked in a fault nobody
+//!    serves): the old machine comes back running, kicked;
+//! 3. anything in steps 3 to 6 fails before the new vCPUs start: the old
+//!    machine comes back stopped and intact, to be started again, and the
+//!    guest carries on as if nothing happened.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, VmmError};
+use crate::guest::{arm_gap_probe, offsets};
+use crate::layout::{GuestLayout, read_object};
+use crate::machine::{BuildTimings, Machine, MachineConfig, RunningMachine, StopError};
+use crate::memory::{GuestMemory, MemfdRam, populate_mapping, populated_ranges};
+use crate::state::{MachineState, StateTimings};
+use crate::time::instant_ns;
+use crate::vcpu::ExitHandler;
+
+/// How to update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpdateOptions {
+    /// Build the new VM before stopping the old one (transfer mode).
+    pub prebuild: bool,
+    /// Populate the new mapping's page tables before the switch.
+    pub populate: bool,
+    /// Run the prefault program over the populated memory in the new VM
+    /// before the switch ([`crate::prefault`]).
+    pub prefault: bool,
+    /// How long to wait for the vCPUs to stop.
+    pub stop_timeout: Duration,
+}
+
+impl Default for UpdateOptions {
+    fn default() -> Self {
+        Self {
+            prebuild: true,
+            populate: false,
+            prefault: false,
+            stop_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Time spent in each phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpdatePhases {
+    /// Mapping the memory file again.
+    pub map: Duration,
+    /// Building VM, memslot and vCPUs.
+    pub build: BuildTimings,
+    /// Populating the new mapping's page tables.
+    pub populate: Duration,
+    /// Running the prefault program in the new VM.
+    pub prefault: Duration,
+    /// From the kick until the last vCPU stopped.
+    pub stop: Duration,
+    /// Reading the vCPU and VM state.
+    pub capture: StateTimings,
+    /// Encoding into a sealed memfd and decoding it back.
+    pub record: Duration,
+    /// Writing the state into the new VM.
+    pub restore: StateTimings,
+    /// From starting the vCPU threads to the first vCPU entry.
+    pub start: Duration,
+}
+
+/// What one update measured.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpdateReport {
+    /// Per phase.
+    pub phases: UpdatePhases,
+    /// From the last vCPU stop to the first vCPU entry in the new VM.
+    pub host_blackout: Duration,
+    /// CLOCK_MONOTONIC ns of the kick.
+    pub kicked_ns: u64,
+    /// CLOCK_MONOTONIC ns of the first entry in the new VM.
+    pub resumed_ns: u64,
+    /// Per vCPU, the guest TSC of its last iteration before the stop.
+    pub stop_tsc: Vec<u64>,
+    /// Bytes of the state record.
+    pub record_bytes: usize,
+    /// The guest TSC frequency (kHz), to turn guest ticks into time.
+    pub tsc_khz: u32,
+    /// The host TSC just before the kick. Comparable with `stop_tsc` only
+    /// where the guest TSC is the host's (PVM; a VMX or SVM guest has an
+    /// offset): then `kick_host_tsc - stop_tsc` is how long before the kick
+    /// the guest last ran its loop.
+    pub kick_host_tsc: u64,
+}
+
+/// Where a failed update left the old machine.
+#[derive(Debug)]
+pub enum OldMachine {
+    /// Stopped and intact: the caller restarts it and the guest carries on.
+    Stopped(Box<Machine>),
+    /// Still running: some vCPUs did not stop (blocked in a fault).
+    Running(Box<RunningMachine>),
+    /// Gone (a vCPU thread panicked, or the new VM already started).
+    Lost,
+}
+
+/// An update that failed, with what is left of the old machine.
+#[derive(Debug)]
+pub struct UpdateError {
+    /// The old machine.
+    pub old: OldMachine,
+    /// What failed.
+    pub error: VmmError,
+}
+
+/// The new side of an update, built before or after the stop.
+struct Successor {
+    machine: Machine,
+    map: Duration,
+    populate: Duration,
+    prefault: Duration,
+}
+
+fn build_successor(
+    old_memory: &GuestMemory,
+    vcpus: u32,
+    options: &UpdateOptions,
+) -> Result<Successor> {
+    let started = Instant::now();
+    let file = old_memory
+        .ram()
+        .file()
+        .try_clone_to_owned()
+        .map_err(|error| VmmError::MemoryFile {
+            operation: "dup",
+            errno: error.raw_os_error().unwrap_or(libc::EMFILE),
+        })?;
+    let memory = Arc::new(GuestMemory::new(Arc::new(MemfdRam::from_file(file)?))?);
+    let map = started.elapsed();
+    let mut machine = Machine::create(Arc::clone(&memory), MachineConfig { vcpus })?;
+    let started = Instant::now();
+    if options.populate {
+        populate_mapping(memory.ram().as_ref(), 0, memory.size())?;
+    }
+    let populate = started.elapsed();
+    let started = Instant::now();
+    if options.prefault {
+        let ranges = populated_ranges(memory.ram().as_ref())?;
+        machine.prefault(&ranges, memory.ram().page_size(), None)?;
+    }
+    Ok(Successor {
+        machine,
+        map,
+        populate,
+        prefault: started.elapsed(),
+    })
+}
+
+/// Updates `running` into a new VM in this process. `make_handler` builds
+/// the exit handler of the new VM from its memory and layout.
+///
+/// # Errors
+/// [`UpdateError`], carrying the old machine (stopped) when it survived.
+pub fn update_in_process(
+    running: RunningMachine,
+    make_handler: impl FnOnce(Arc<GuestMemory>, GuestLayout) -> Arc<dyn ExitHandler>,
+    options: UpdateOptions,
+) -> std::result::Result<(RunningMachine, UpdateReport), UpdateError> {
+    let layout = *running.layout();
+    let mut report = UpdateReport::default();
+    let lost = |error| UpdateError {
+        old: OldMachine::Lost,
+        error,
+    };
+    let prebuilt = if options.prebuild {
+        match build_successor(running.memory(), layout.vcpus(), &options) {
+            Ok(successor) => Some(successor),
+            Err(error) => {
+                return Err(UpdateError {
+                    old: OldMachine::Running(Box::new(running)),
+                    error,
+                });
+            }
+        }
+    } else {
+        None
+    };
+
+    let kicked_at = Instant::now();
+    report.kick_host_tsc = crate::state::tsc::host_tsc();
+    let (old, stop) = running
+        .stop(options.stop_timeout)
+        .map_err(|error| match error {
+            StopError::Running(machine, error) => UpdateError {
+                old: OldMachine::Running(machine),
+                error,
+            },
+            StopError::Lost(error) => lost(error),
+        })?;
+    report.kicked_ns = instant_ns(kicked_at);
+    report.phases.stop = stop.last_stopped_at.duration_since(kicked_at);
+    let keep = |machine: Machine| {
+        move |error| UpdateError {
+            old: OldMachine::Stopped(Box::new(machine)),
+            error,
+        }
+    };
+
+    let (state, capture) = match MachineState::capture(&old) {
+        Ok(captured) => captured,
+        Err(error) => return Err(keep(old)(error)),
+    };
+    report.phases.capture = capture;
+    report.tsc_khz = state.vcpus.first().map_or(0, |vcpu| vcpu.tsc.khz);
+    let started = Instant::now();
+    let decoded = match state
+        .to_memfd()
+        .and_then(|file| MachineState::from_fd(&file).map(|state| (state, file)))
+    {
+        Ok((decoded, file)) => {
+            report.record_bytes = rustix::fs::fstat(&file)
+                .map(|stat| stat.st_size as usize)
+                .unwrap_or(0);
+            decoded
+        }
+        Err(error) => return Err(keep(old)(error)),
+    };
+    report.phases.record = started.elapsed();
+    let marks = (0..layout.vcpus())
+        .map(|vcpu| {
+            read_object::<u64>(
+                old.memory().view(),
+                layout.control_block(vcpu) + offsets::LAST_TSC,
+            )
+        })
+        .collect::<Result<Vec<u64>>>()
+        .and_then(|marks| arm_gap_probe(old.memory().view(), &layout).map(|()| marks));
+    report.stop_tsc = match marks {
+        Ok(marks) => marks,
+        Err(error) => return Err(keep(old)(error)),
+    };
+
+    let successor = match prebuilt {
+        Some(successor) => successor,
+        None => match build_successor(old.memory(), layout.vcpus(), &options) {
+            Ok(successor) => successor,
+            Err(error) => return Err(keep(old)(error)),
+        },
+    };
+    report.phases.map = successor.map;
+    report.phases.build = successor.machine.build_timings();
+    report.phases.populate = successor.populate;
+    report.phases.prefault = successor.prefault;
+    report.phases.restore = match decoded.restore(&successor.machine) {
+        Ok(timings) => timings,
+        Err(error) => return Err(keep(old)(error)),
+    };
+    let handler = make_handler(Arc::clone(successor.machine.memory()), layout);
+    let started = Instant::now();
+    let new = successor.machine.start(handler).map_err(lost)?;
+    let first_entry = wait_first_entry(&new, Duration::from_secs(5));
+    report.phases.start = first_entry.saturating_duration_since(started);
+    report.host_blackout = first_entry.saturating_duration_since(stop.last_stopped_at);
+    report.resumed_ns = instant_ns(first_entry);
+    retire(old);
+    Ok((new, report))
+}
+
+/// Tears the old VM down off the critical path: destroying a VM frees all
+/// its shadow page tables, which takes milliseconds of CPU; done right at
+/// the resume it competed with the new vCPUs and the guest saw it as part of
+/// its gap. A background thread waits a little and then drops it.
+fn retire(old: Machine) {
+    const GRACE: Duration = Duration::from_millis(50);
+    let spawned = std::thread::Builder::new()
+        .name("vm-retire".into())
+        .spawn(move || {
+            std::thread::sleep(GRACE);
+            drop(old);
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "no thread to retire the old VM; dropping it inline");
+    }
+}
+
+/// Spins (with short sleeps) until some vCPU of `running` entered the guest.
+fn wait_first_entry(running: &RunningMachine, timeout: Duration) -> Instant {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(first) = running.first_entries().into_iter().flatten().min() {
+            return first;
+        }
+        if Instant::now() >= deadline {
+            return Instant::now();
+        }
+        std::thread::yield_now();
+    }
+}
