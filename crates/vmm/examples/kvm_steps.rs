@@ -278,9 +278,13 @@ fn one_update(
             guest_gap,
             recovery: slowest,
             stop: phases.stop,
-            capture: phases.capture.vcpus + phases.capture.vm + phases.record,
-            build: phases.map + phases.build.total() + phases.populate + phases.prefault,
-            restore: phases.restore.vcpus + phases.restore.vm,
+            capture: phases.capture + phases.record,
+            build: phases.map
+                + phases.build.total()
+                + phases.populate
+                + phases.prefault
+                + phases.arm,
+            restore: phases.restore + phases.start,
         },
     ))
 }
@@ -300,7 +304,7 @@ fn updates(options: &Options) -> anyhow::Result<()> {
         "stop",
         "capture+record",
         "build + populate + prefault",
-        "restore",
+        "restore + start",
     );
     let page_sizes: &[PageSize] = if options.huge {
         &[PageSize::Small, PageSize::Huge2M]

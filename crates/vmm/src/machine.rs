@@ -32,7 +32,11 @@ use crate::error::{Result, VmmError};
 use crate::guest::{GuestOptions, GuestSetup};
 use crate::layout::{CODE_ADDRESS, GuestLayout, set_long_mode};
 use crate::memory::GuestMemory;
-use crate::vcpu::{ExitHandler, RunPage, RunningVcpus, Vcpu, VcpuCounters, VcpuEnd, VcpuOutcome};
+use crate::state::{CaptureSpec, MachineState, capture_vm, restore_vm};
+use crate::vcpu::{
+    ArmedVcpus, ExitHandler, RunPage, RunningVcpus, ThreadOptions, Vcpu, VcpuCounters, VcpuEnd,
+    VcpuOutcome,
+};
 
 /// XCR0 for a guest using AVX: x87, SSE and AVX state enabled.
 const XCR0_X87_SSE_AVX: u64 = 0b111;
@@ -279,6 +283,7 @@ impl Machine {
     /// # Errors
     /// As [`RunningVcpus::start`]; the machine is lost with the error.
     pub fn start(self, handler: Arc<dyn ExitHandler>) -> Result<RunningMachine> {
+        let spec = Arc::new(CaptureSpec::of(&self.kvm)?);
         let Self {
             kvm,
             vm,
@@ -288,7 +293,14 @@ impl Machine {
             timings,
             scratch,
         } = self;
-        let running = RunningVcpus::start(vcpus, handler)?;
+        let (running, _) = RunningVcpus::spawn(
+            vcpus,
+            handler,
+            ThreadOptions {
+                armed: false,
+                capture: Some(spec),
+            },
+        )?;
         Ok(RunningMachine {
             shell: Shell {
                 kvm,
@@ -299,6 +311,40 @@ impl Machine {
                 scratch,
             },
             running,
+        })
+    }
+
+    /// Spawns the vCPU threads now, waiting, so that a later
+    /// [`ArmedMachine::go`] only restores state (in parallel, one thread per
+    /// vCPU) and enters the guest: what a transfer-mode successor does ahead
+    /// of the switch. The threads also capture their vCPU's state in
+    /// parallel when stopped with [`RunningMachine::stop_capturing`].
+    ///
+    /// # Errors
+    /// As [`Machine::start`]; also [`VmmError::Kvm`] when KVM's MSR list
+    /// cannot be read.
+    pub fn arm(self, handler: Arc<dyn ExitHandler>) -> Result<ArmedMachine> {
+        let spec = Arc::new(CaptureSpec::of(&self.kvm)?);
+        let Self {
+            kvm,
+            vm,
+            memory,
+            layout,
+            vcpus,
+            timings,
+            scratch,
+        } = self;
+        let armed = ArmedVcpus::spawn(vcpus, handler, Some(spec))?;
+        Ok(ArmedMachine {
+            armed,
+            shell: Shell {
+                kvm,
+                vm,
+                memory,
+                layout,
+                timings,
+                scratch,
+            },
         })
     }
 
@@ -330,6 +376,53 @@ impl Machine {
     /// How long each build step took.
     pub fn build_timings(&self) -> BuildTimings {
         self.timings
+    }
+}
+
+/// A machine whose vCPU threads wait to be given state and run.
+#[derive(Debug)]
+pub struct ArmedMachine {
+    // Field order: the threads go before the VM.
+    armed: ArmedVcpus,
+    shell: Shell,
+}
+
+impl ArmedMachine {
+    /// Restores `state` (VM-wide here, each vCPU on its own thread, all in
+    /// parallel) and lets the vCPUs run. With `state` None they run with the
+    /// state they have (a first boot).
+    ///
+    /// # Errors
+    /// - [`VmmError::StateMismatch`] (EINVAL): the state does not fit this
+    ///   machine; nothing ran.
+    /// - a restore error; nothing ran and the machine is lost.
+    pub fn go(self, state: Option<&MachineState>) -> Result<RunningMachine> {
+        let Self { armed, shell } = self;
+        let states = match state {
+            Some(state) => {
+                state.check_fits_counts(armed.vcpu_count(), shell.memory.size())?;
+                restore_vm(&shell.vm, &state.vm)?;
+                Some(state.vcpus.clone())
+            }
+            None => None,
+        };
+        let running = armed.restore_and_run(states)?;
+        Ok(RunningMachine { running, shell })
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.shell.memory
+    }
+
+    /// The guest layout.
+    pub fn layout(&self) -> &GuestLayout {
+        &self.shell.layout
+    }
+
+    /// How long each build step took.
+    pub fn build_timings(&self) -> BuildTimings {
+        self.shell.timings
     }
 }
 
@@ -423,6 +516,65 @@ impl RunningMachine {
         }
     }
 
+    /// As [`Self::stop`], with each vCPU's state captured by its own thread
+    /// (in parallel, right after it stops) and the VM-wide state read after
+    /// all stopped.
+    ///
+    /// # Errors
+    /// As [`Self::stop`]; a capture error gives back the stopped machine in
+    /// [`StopError::Captured`].
+    pub fn stop_capturing(
+        self,
+        timeout: Duration,
+    ) -> std::result::Result<(Machine, StopReport, MachineState), StopError> {
+        let kicked_at = Instant::now();
+        let Self { running, shell } = self;
+        let first_entries = running.first_entries();
+        let mut outcomes = match running.stop_capturing(timeout) {
+            Ok(outcomes) => outcomes,
+            Err((running, error)) if matches!(error, VmmError::StopTimeout { .. }) => {
+                return Err(StopError::Running(Box::new(Self { running, shell }), error));
+            }
+            Err((_, error)) => return Err(StopError::Lost(error)),
+        };
+        let mut vcpus = Vec::with_capacity(outcomes.len());
+        let mut failure = None;
+        for outcome in &mut outcomes {
+            match outcome.state.take() {
+                Some(Ok(state)) => vcpus.push(state),
+                Some(Err(error)) => {
+                    failure.get_or_insert(error);
+                }
+                None => {
+                    failure.get_or_insert(VmmError::StateMismatch {
+                        reason: format!(
+                            "vCPU {} ended ({:?}) before it could be captured",
+                            outcome.vcpu.index, outcome.end
+                        ),
+                    });
+                }
+            }
+        }
+        let vm = capture_vm(&shell.vm);
+        let memory_size = shell.memory.size();
+        let (machine, report) = Self::reassemble(shell, outcomes, kicked_at, first_entries);
+        let vm = match (failure, vm) {
+            (None, Ok(vm)) => vm,
+            (Some(error), _) | (None, Err(error)) => {
+                return Err(StopError::Captured(Box::new(machine), error));
+            }
+        };
+        Ok((
+            machine,
+            report,
+            MachineState {
+                memory_size,
+                vcpus,
+                vm,
+            },
+        ))
+    }
+
     /// Waits (without kicking) up to `timeout` for every vCPU's loop to end
     /// by itself, then gives back the stopped machine.
     ///
@@ -501,13 +653,16 @@ pub enum StopError {
     Running(Box<RunningMachine>, VmmError),
     /// A vCPU thread panicked; the machine is gone.
     Lost(VmmError),
+    /// The vCPUs stopped but their state could not be captured; the
+    /// stopped machine comes back.
+    Captured(Box<Machine>, VmmError),
 }
 
 impl StopError {
     /// The underlying error.
     pub fn error(&self) -> &VmmError {
         match self {
-            Self::Running(_, error) | Self::Lost(error) => error,
+            Self::Running(_, error) | Self::Lost(error) | Self::Captured(_, error) => error,
         }
     }
 }

@@ -13,14 +13,16 @@
 //!    mapping's page tables for all of guest memory (`MADV_POPULATE_WRITE`);
 //!    (`prefault`) run the prefault program over the populated memory in
 //!    the new VM, so its shadow page tables exist before the switch;
-//! 2. kick every vCPU and wait for all to stop (the blackout starts at the
-//!    last stop);
-//! 3. capture the state, encode it into a sealed memfd, decode it back (the
-//!    bytes a successor would receive);
+//!    The new vCPU threads are spawned then too, waiting ([`Machine::arm`]);
+//! 2. kick every vCPU; each vCPU thread captures its own state as soon as
+//!    it stops, in parallel (the blackout starts at the last stop);
+//! 3. read the VM-wide state, encode everything into a sealed memfd and
+//!    decode it back (the bytes a successor would receive);
 //! 4. record each vCPU's last TSC and arm the guest's gap probe;
-//! 5. (without `prebuild`) map and build now, inside the blackout;
-//! 6. restore the state into the new VM and start its vCPUs (the blackout
-//!    ends at the first vCPU entry); drop the old VM.
+//! 5. (without `prebuild`) map, build and arm now, inside the blackout;
+//! 6. restore: VM-wide state here, each vCPU's on its own waiting thread,
+//!    in parallel, then release them into the guest (the blackout ends at
+//!    the first vCPU entry); retire the old VM off the critical path.
 //!
 //! Failure paths (the error carries what is left of the old machine,
 //! [`OldMachine`]):
@@ -37,16 +39,19 @@ use std::time::{Duration, Instant};
 use crate::error::{Result, VmmError};
 use crate::guest::{arm_gap_probe, offsets};
 use crate::layout::{GuestLayout, read_object};
-use crate::machine::{BuildTimings, Machine, MachineConfig, RunningMachine, StopError};
+use crate::machine::{
+    ArmedMachine, BuildTimings, Machine, MachineConfig, RunningMachine, StopError,
+};
 use crate::memory::{GuestMemory, MemfdRam, populate_mapping, populated_ranges};
-use crate::state::{MachineState, StateTimings};
+use crate::state::MachineState;
 use crate::time::instant_ns;
 use crate::vcpu::ExitHandler;
 
 /// How to update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UpdateOptions {
-    /// Build the new VM before stopping the old one (transfer mode).
+    /// Build the new VM (and its waiting vCPU threads) before stopping the
+    /// old one (transfer mode).
     pub prebuild: bool,
     /// Populate the new mapping's page tables before the switch.
     pub populate: bool,
@@ -79,15 +84,17 @@ pub struct UpdatePhases {
     pub populate: Duration,
     /// Running the prefault program in the new VM.
     pub prefault: Duration,
+    /// Spawning the new vCPU threads (waiting).
+    pub arm: Duration,
     /// From the kick until the last vCPU stopped.
     pub stop: Duration,
-    /// Reading the vCPU and VM state.
-    pub capture: StateTimings,
+    /// From the last stop until every vCPU's state and the VM's were read.
+    pub capture: Duration,
     /// Encoding into a sealed memfd and decoding it back.
     pub record: Duration,
-    /// Writing the state into the new VM.
-    pub restore: StateTimings,
-    /// From starting the vCPU threads to the first vCPU entry.
+    /// Writing the state into the new VM (VM-wide, then all vCPUs in parallel).
+    pub restore: Duration,
+    /// From releasing the vCPU threads to the first vCPU entry.
     pub start: Duration,
 }
 
@@ -122,7 +129,7 @@ pub enum OldMachine {
     Stopped(Box<Machine>),
     /// Still running: some vCPUs did not stop (blocked in a fault).
     Running(Box<RunningMachine>),
-    /// Gone (a vCPU thread panicked, or the new VM already started).
+    /// Gone (a vCPU thread panicked).
     Lost,
 }
 
@@ -137,17 +144,17 @@ pub struct UpdateError {
 
 /// The new side of an update, built before or after the stop.
 struct Successor {
-    machine: Machine,
-    map: Duration,
-    populate: Duration,
-    prefault: Duration,
+    machine: ArmedMachine,
+    phases: UpdatePhases,
 }
 
 fn build_successor(
     old_memory: &GuestMemory,
     vcpus: u32,
     options: &UpdateOptions,
+    make_handler: impl FnOnce(Arc<GuestMemory>, GuestLayout) -> Arc<dyn ExitHandler>,
 ) -> Result<Successor> {
+    let mut phases = UpdatePhases::default();
     let started = Instant::now();
     let file = old_memory
         .ram()
@@ -158,31 +165,32 @@ fn build_successor(
             errno: error.raw_os_error().unwrap_or(libc::EMFILE),
         })?;
     let memory = Arc::new(GuestMemory::new(Arc::new(MemfdRam::from_file(file)?))?);
-    let map = started.elapsed();
+    phases.map = started.elapsed();
     let mut machine = Machine::create(Arc::clone(&memory), MachineConfig { vcpus })?;
+    phases.build = machine.build_timings();
     let started = Instant::now();
     if options.populate {
         populate_mapping(memory.ram().as_ref(), 0, memory.size())?;
     }
-    let populate = started.elapsed();
+    phases.populate = started.elapsed();
     let started = Instant::now();
     if options.prefault {
         let ranges = populated_ranges(memory.ram().as_ref())?;
         machine.prefault(&ranges, memory.ram().page_size(), None)?;
     }
-    Ok(Successor {
-        machine,
-        map,
-        populate,
-        prefault: started.elapsed(),
-    })
+    phases.prefault = started.elapsed();
+    let started = Instant::now();
+    let handler = make_handler(Arc::clone(&memory), *machine.layout());
+    let machine = machine.arm(handler)?;
+    phases.arm = started.elapsed();
+    Ok(Successor { machine, phases })
 }
 
 /// Updates `running` into a new VM in this process. `make_handler` builds
 /// the exit handler of the new VM from its memory and layout.
 ///
 /// # Errors
-/// [`UpdateError`], carrying the old machine (stopped) when it survived.
+/// [`UpdateError`], carrying what is left of the old machine.
 pub fn update_in_process(
     running: RunningMachine,
     make_handler: impl FnOnce(Arc<GuestMemory>, GuestLayout) -> Arc<dyn ExitHandler>,
@@ -190,19 +198,18 @@ pub fn update_in_process(
 ) -> std::result::Result<(RunningMachine, UpdateReport), UpdateError> {
     let layout = *running.layout();
     let mut report = UpdateReport::default();
-    let lost = |error| UpdateError {
-        old: OldMachine::Lost,
-        error,
-    };
+    let mut make_handler = Some(make_handler);
     let prebuilt = if options.prebuild {
-        match build_successor(running.memory(), layout.vcpus(), &options) {
-            Ok(successor) => Some(successor),
-            Err(error) => {
+        let make = make_handler.take();
+        match make.map(|make| build_successor(running.memory(), layout.vcpus(), &options, make)) {
+            Some(Ok(successor)) => Some(successor),
+            Some(Err(error)) => {
                 return Err(UpdateError {
                     old: OldMachine::Running(Box::new(running)),
                     error,
                 });
             }
+            None => None,
         }
     } else {
         None
@@ -210,17 +217,27 @@ pub fn update_in_process(
 
     let kicked_at = Instant::now();
     report.kick_host_tsc = crate::state::tsc::host_tsc();
-    let (old, stop) = running
-        .stop(options.stop_timeout)
+    let (old, stop, state) = running
+        .stop_capturing(options.stop_timeout)
         .map_err(|error| match error {
             StopError::Running(machine, error) => UpdateError {
                 old: OldMachine::Running(machine),
                 error,
             },
-            StopError::Lost(error) => lost(error),
+            StopError::Captured(machine, error) => UpdateError {
+                old: OldMachine::Stopped(machine),
+                error,
+            },
+            StopError::Lost(error) => UpdateError {
+                old: OldMachine::Lost,
+                error,
+            },
         })?;
+    let captured_at = Instant::now();
     report.kicked_ns = instant_ns(kicked_at);
-    report.phases.stop = stop.last_stopped_at.duration_since(kicked_at);
+    report.phases.stop = stop.last_stopped_at.saturating_duration_since(kicked_at);
+    report.phases.capture = captured_at.saturating_duration_since(stop.last_stopped_at);
+    report.tsc_khz = state.vcpus.first().map_or(0, |vcpu| vcpu.tsc.khz);
     let keep = |machine: Machine| {
         move |error| UpdateError {
             old: OldMachine::Stopped(Box::new(machine)),
@@ -228,12 +245,6 @@ pub fn update_in_process(
         }
     };
 
-    let (state, capture) = match MachineState::capture(&old) {
-        Ok(captured) => captured,
-        Err(error) => return Err(keep(old)(error)),
-    };
-    report.phases.capture = capture;
-    report.tsc_khz = state.vcpus.first().map_or(0, |vcpu| vcpu.tsc.khz);
     let started = Instant::now();
     let decoded = match state
         .to_memfd()
@@ -262,26 +273,33 @@ pub fn update_in_process(
         Err(error) => return Err(keep(old)(error)),
     };
 
-    let successor = match prebuilt {
-        Some(successor) => successor,
-        None => match build_successor(old.memory(), layout.vcpus(), &options) {
+    let successor = match (prebuilt, make_handler) {
+        (Some(successor), _) => successor,
+        (None, Some(make)) => match build_successor(old.memory(), layout.vcpus(), &options, make) {
             Ok(successor) => successor,
             Err(error) => return Err(keep(old)(error)),
         },
+        (None, None) => {
+            return Err(keep(old)(VmmError::StateMismatch {
+                reason: "no successor was built".into(),
+            }));
+        }
     };
-    report.phases.map = successor.map;
-    report.phases.build = successor.machine.build_timings();
-    report.phases.populate = successor.populate;
-    report.phases.prefault = successor.prefault;
-    report.phases.restore = match decoded.restore(&successor.machine) {
-        Ok(timings) => timings,
+    let phases = successor.phases;
+    report.phases.map = phases.map;
+    report.phases.build = phases.build;
+    report.phases.populate = phases.populate;
+    report.phases.prefault = phases.prefault;
+    report.phases.arm = phases.arm;
+    let started = Instant::now();
+    let new = match successor.machine.go(Some(&decoded)) {
+        Ok(new) => new,
         Err(error) => return Err(keep(old)(error)),
     };
-    let handler = make_handler(Arc::clone(successor.machine.memory()), layout);
-    let started = Instant::now();
-    let new = successor.machine.start(handler).map_err(lost)?;
+    let released = Instant::now();
+    report.phases.restore = released.saturating_duration_since(started);
     let first_entry = wait_first_entry(&new, Duration::from_secs(5));
-    report.phases.start = first_entry.saturating_duration_since(started);
+    report.phases.start = first_entry.saturating_duration_since(released);
     report.host_blackout = first_entry.saturating_duration_since(stop.last_stopped_at);
     report.resumed_ns = instant_ns(first_entry);
     retire(old);

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::error::{Result, VmmError};
+use crate::state::{CaptureSpec, VcpuState, capture_vcpu, restore_vcpu};
 
 /// What the run loop does after an exit the handler saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +109,8 @@ pub enum VcpuEnd {
     },
     /// The guest or KVM failed.
     Failed(VmmError),
+    /// An armed vCPU was released without ever running (an aborted switch).
+    Aborted,
 }
 
 /// Exit counters of one vCPU, readable while it runs.
@@ -307,6 +310,9 @@ impl Vcpu {
 #[derive(Debug)]
 struct Kick {
     stop: AtomicBool,
+    /// Set before a kick: capture the vCPU's state on the way out. Written
+    /// before `stop` (SeqCst), read after the loop saw `stop`.
+    capture: AtomicBool,
     run_page: Arc<RunPage>,
     first_entry: OnceLock<Instant>,
 }
@@ -338,6 +344,20 @@ pub struct VcpuOutcome {
     pub stopped_at: Instant,
     /// When it first entered `KVM_RUN` in this run.
     pub first_entry: Option<Instant>,
+    /// Its state, captured by its own thread right after the stop, when the
+    /// stop asked for it ([`RunningVcpus::stop_capturing`]).
+    pub state: Option<Result<VcpuState>>,
+}
+
+/// An armed thread's answer to a restore: its vCPU index and the result.
+type RestoreAck = (u32, Result<()>);
+
+/// What an armed vCPU thread is told to do.
+enum Command {
+    /// Write this state into the vCPU, then acknowledge.
+    Restore(Box<VcpuState>),
+    /// Enter the run loop.
+    Run,
 }
 
 struct VcpuThread {
@@ -345,6 +365,17 @@ struct VcpuThread {
     kick: Arc<Kick>,
     handle: JoinHandle<VcpuOutcome>,
     finished: bool,
+    /// Present while the thread is armed and waiting for commands.
+    commands: Option<Sender<Command>>,
+}
+
+/// How the threads start.
+#[derive(Clone, Debug)]
+pub(crate) struct ThreadOptions {
+    /// Wait for commands ([`ArmedVcpus`]) instead of running at once.
+    pub(crate) armed: bool,
+    /// What a capture on stop reads.
+    pub(crate) capture: Option<Arc<CaptureSpec>>,
 }
 
 /// vCPUs running on their threads.
@@ -372,8 +403,27 @@ impl RunningVcpus {
     ///   vCPUs are lost with this error.
     /// - [`VmmError::Kvm`]: the kick signal's handler could not be installed.
     pub fn start(vcpus: Vec<Vcpu>, handler: Arc<dyn ExitHandler>) -> Result<Self> {
+        Self::spawn(
+            vcpus,
+            handler,
+            ThreadOptions {
+                armed: false,
+                capture: None,
+            },
+        )
+        .map(|(running, _)| running)
+    }
+
+    /// Spawns the threads; armed ones wait for commands and also get a
+    /// channel to acknowledge restores on.
+    pub(crate) fn spawn(
+        vcpus: Vec<Vcpu>,
+        handler: Arc<dyn ExitHandler>,
+        options: ThreadOptions,
+    ) -> Result<(Self, Receiver<RestoreAck>)> {
         install_kick_handler()?;
         let (sender, receiver) = std::sync::mpsc::channel();
+        let (ack_sender, acks) = std::sync::mpsc::channel();
         let mut running = Self {
             threads: Vec::with_capacity(vcpus.len()),
             finished: receiver,
@@ -383,18 +433,39 @@ impl RunningVcpus {
             let index = vcpu.index;
             let kick = Arc::new(Kick {
                 stop: AtomicBool::new(false),
+                capture: AtomicBool::new(false),
                 run_page: Arc::clone(&vcpu.run_page),
                 first_entry: OnceLock::new(),
             });
             let thread_kick = Arc::clone(&kick);
             let thread_handler = Arc::clone(&handler);
             let thread_sender: Sender<u32> = sender.clone();
+            let capture = options.capture.clone();
+            let (commands, orders) = if options.armed {
+                let (commands, orders) = std::sync::mpsc::channel();
+                (Some(commands), Some(orders))
+            } else {
+                (None, None)
+            };
+            let thread_acks = ack_sender.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu-{index}"))
                 .spawn(move || {
-                    let outcome = run_loop(vcpu, &thread_kick, thread_handler.as_ref());
+                    let outcome = match orders {
+                        Some(orders) => await_orders(vcpu, &orders, &thread_acks, &thread_kick),
+                        None => Ok(vcpu),
+                    };
+                    let outcome = match outcome {
+                        Ok(vcpu) => run_loop(
+                            vcpu,
+                            &thread_kick,
+                            thread_handler.as_ref(),
+                            capture.as_deref(),
+                        ),
+                        Err(outcome) => outcome,
+                    };
                     let _ = thread_sender.send(index);
-                    outcome
+                    *outcome
                 });
             match spawned {
                 Ok(handle) => running.threads.push(VcpuThread {
@@ -402,6 +473,7 @@ impl RunningVcpus {
                     kick,
                     handle,
                     finished: false,
+                    commands,
                 }),
                 Err(error) => {
                     running.kick();
@@ -413,17 +485,31 @@ impl RunningVcpus {
                 }
             }
         }
-        Ok(running)
+        Ok((running, acks))
     }
 
     /// Kicks every vCPU that is still running.
-    pub fn kick(&self) {
+    pub fn kick(&mut self) {
         use std::os::unix::thread::JoinHandleExt;
-        for thread in &self.threads {
+        for thread in &mut self.threads {
+            // An armed thread waiting for orders ends when its channel closes.
+            thread.commands = None;
             if !thread.finished {
                 thread.kick.kick(thread.handle.as_pthread_t());
             }
         }
+    }
+
+    /// Kicks every vCPU with a request to capture its state on the way out
+    /// (each thread reads its own vCPU, in parallel); the states come back
+    /// in the outcomes of [`Self::stop`] or [`Self::join`].
+    pub(crate) fn kick_capturing(&mut self) {
+        for thread in &self.threads {
+            // SeqCst: ordered before the stop flag the kick stores, which
+            // the thread reads (SeqCst) before it reads this.
+            thread.kick.capture.store(true, Ordering::SeqCst);
+        }
+        self.kick();
     }
 
     /// Waits up to `timeout` for every vCPU's loop to end, kicking again
@@ -494,6 +580,25 @@ impl RunningVcpus {
         timeout: Duration,
     ) -> std::result::Result<Vec<VcpuOutcome>, (Self, VmmError)> {
         self.kick();
+        self.finish_stop(timeout)
+    }
+
+    /// As [`Self::stop`], with every vCPU's state captured by its own thread.
+    ///
+    /// # Errors
+    /// As [`Self::stop`].
+    pub(crate) fn stop_capturing(
+        mut self,
+        timeout: Duration,
+    ) -> std::result::Result<Vec<VcpuOutcome>, (Self, VmmError)> {
+        self.kick_capturing();
+        self.finish_stop(timeout)
+    }
+
+    fn finish_stop(
+        mut self,
+        timeout: Duration,
+    ) -> std::result::Result<Vec<VcpuOutcome>, (Self, VmmError)> {
         let still_running = self.wait_stopped(timeout);
         if !still_running.is_empty() {
             let error = VmmError::StopTimeout {
@@ -530,6 +635,14 @@ impl RunningVcpus {
         }
     }
 
+    /// Releases armed threads without running them and joins them all.
+    fn abort(&mut self) {
+        for thread in &mut self.threads {
+            thread.commands = None;
+        }
+        let _ = self.join_all();
+    }
+
     fn empty() -> Self {
         let (_, receiver) = std::sync::mpsc::channel();
         Self {
@@ -537,6 +650,92 @@ impl RunningVcpus {
             finished: receiver,
             joined: true,
         }
+    }
+}
+
+/// vCPU threads spawned ahead and waiting: a successor builds them while
+/// the guest still runs elsewhere, then [`ArmedVcpus::restore_and_run`]
+/// restores every vCPU in parallel on its own thread and lets them run.
+#[derive(Debug)]
+pub struct ArmedVcpus {
+    running: RunningVcpus,
+    acks: Receiver<RestoreAck>,
+}
+
+impl ArmedVcpus {
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.running.threads.len()
+    }
+
+    /// Spawns one waiting thread per vCPU.
+    ///
+    /// # Errors
+    /// As [`RunningVcpus::start`].
+    pub(crate) fn spawn(
+        vcpus: Vec<Vcpu>,
+        handler: Arc<dyn ExitHandler>,
+        capture: Option<Arc<CaptureSpec>>,
+    ) -> Result<Self> {
+        let (running, acks) = RunningVcpus::spawn(
+            vcpus,
+            handler,
+            ThreadOptions {
+                armed: true,
+                capture,
+            },
+        )?;
+        Ok(Self { running, acks })
+    }
+
+    /// Hands every thread its vCPU's state (`states[i]` for the i-th vCPU),
+    /// waits until all have restored it, then releases them into the guest.
+    /// With `states` None, the vCPUs run with the state they have.
+    ///
+    /// # Errors
+    /// - [`VmmError::StateMismatch`] (EINVAL): the state count differs from the vCPU count.
+    /// - the first restore error of any vCPU; then no vCPU has run, the
+    ///   threads are released and joined, and the vCPUs are lost with the
+    ///   error (the successor is abandoned and the predecessor resumes).
+    pub fn restore_and_run(mut self, states: Option<Vec<VcpuState>>) -> Result<RunningVcpus> {
+        if let Some(states) = states {
+            if states.len() != self.running.threads.len() {
+                return Err(VmmError::StateMismatch {
+                    reason: format!(
+                        "{} vCPU states for {} vCPUs",
+                        states.len(),
+                        self.running.threads.len()
+                    ),
+                });
+            }
+            for (thread, state) in self.running.threads.iter().zip(states) {
+                if let Some(commands) = &thread.commands {
+                    let _ = commands.send(Command::Restore(Box::new(state)));
+                }
+            }
+            let mut first_error = None;
+            for _ in 0..self.running.threads.len() {
+                match self.acks.recv() {
+                    Ok((_, Ok(()))) => {}
+                    Ok((_, Err(error))) => {
+                        first_error.get_or_insert(error);
+                    }
+                    Err(_) => {
+                        first_error.get_or_insert(VmmError::ThreadPanicked { vcpu: 0 });
+                    }
+                }
+            }
+            if let Some(error) = first_error {
+                self.running.abort();
+                return Err(error);
+            }
+        }
+        for thread in &mut self.running.threads {
+            if let Some(commands) = thread.commands.take() {
+                let _ = commands.send(Command::Run);
+            }
+        }
+        Ok(self.running)
     }
 }
 
@@ -558,8 +757,50 @@ impl Drop for RunningVcpus {
     }
 }
 
+/// An armed thread: waits for its orders (restore, then run). Returns the
+/// vCPU to run, or the outcome to end with when the host closed the channel
+/// (aborted, or kicked before the run).
+fn await_orders(
+    vcpu: Vcpu,
+    orders: &Receiver<Command>,
+    acks: &Sender<RestoreAck>,
+    kick: &Kick,
+) -> std::result::Result<Vcpu, Box<VcpuOutcome>> {
+    let index = vcpu.index;
+    let end = |vcpu, end| {
+        Box::new(VcpuOutcome {
+            vcpu,
+            end,
+            stopped_at: Instant::now(),
+            first_entry: None,
+            state: None,
+        })
+    };
+    loop {
+        match orders.recv() {
+            Ok(Command::Restore(state)) => {
+                let _ = acks.send((index, restore_vcpu(&vcpu.fd, &state)));
+            }
+            Ok(Command::Run) => return Ok(vcpu),
+            Err(_) => {
+                let reason = if kick.stop.load(Ordering::SeqCst) {
+                    VcpuEnd::Kicked
+                } else {
+                    VcpuEnd::Aborted
+                };
+                return Err(end(vcpu, reason));
+            }
+        }
+    }
+}
+
 /// The run loop of one vCPU thread.
-fn run_loop(mut vcpu: Vcpu, kick: &Kick, handler: &dyn ExitHandler) -> VcpuOutcome {
+fn run_loop(
+    mut vcpu: Vcpu,
+    kick: &Kick,
+    handler: &dyn ExitHandler,
+    capture: Option<&CaptureSpec>,
+) -> Box<VcpuOutcome> {
     // A kick that raced with thread start: clearing first, then reading the
     // flag (both SeqCst, pairing with `Kick::kick`) cannot lose it.
     vcpu.run_page.set_immediate_exit(false);
@@ -651,12 +892,22 @@ fn run_loop(mut vcpu: Vcpu, kick: &Kick, handler: &dyn ExitHandler) -> VcpuOutco
             break VcpuEnd::HandlerStopped;
         }
     };
-    VcpuOutcome {
+    let stopped_at = Instant::now();
+    // Capture on the way out when asked: SeqCst pairs with the store in
+    // `kick_capturing`, made before the stop flag this loop saw.
+    let state = match (&end, capture) {
+        (VcpuEnd::Kicked, Some(spec)) if kick.capture.load(Ordering::SeqCst) => {
+            Some(capture_vcpu(&vcpu.fd, vcpu.index, spec))
+        }
+        _ => None,
+    };
+    Box::new(VcpuOutcome {
         vcpu,
         end,
-        stopped_at: Instant::now(),
+        stopped_at,
         first_entry: kick.first_entry.get().copied(),
-    }
+        state,
+    })
 }
 
 /// Runs once with `immediate_exit` set (the caller set it): KVM completes

@@ -141,3 +141,44 @@ fn prefault_reads_guest_memory_without_changing_it() {
     }
     assert_eq!(check_pages(memory.view(), &layout).unwrap().mismatches, 0);
 }
+
+/// A switch whose restore fails in the new VM (here: an MSR KVM refuses)
+/// runs nothing there; the old machine restarts and the guest carries on.
+#[test]
+fn a_failed_restore_leaves_the_old_machine_to_resume() {
+    if !common::kvm_available("a_failed_restore_leaves_the_old_machine_to_resume") {
+        return;
+    }
+    let (running, _monitor) = common::boot(32 << 20, 2, GuestOptions::default());
+    let memory = Arc::clone(running.memory());
+    let layout = *running.layout();
+    common::wait_for_iterations(&memory, &layout, 10_000, Duration::from_secs(20));
+    let new = Machine::create(Arc::clone(&memory), MachineConfig { vcpus: 2 }).unwrap();
+    let armed = new.arm(handler(Arc::clone(&memory), layout)).unwrap();
+    let (old, _, mut state) = running
+        .stop_capturing(Duration::from_secs(5))
+        .map_err(|error| error.error().to_string())
+        .unwrap();
+    let before = common::reports(&memory, &layout);
+    state.vcpus[1].msrs.push(kvm_bindings::kvm_msr_entry {
+        index: 0xdead_beef,
+        ..Default::default()
+    });
+    let error = armed.go(Some(&state)).unwrap_err();
+    assert!(error.to_string().contains("0xdeadbeef"), "{error}");
+    // Nothing ran in the new VM: the guest's counters did not move.
+    assert_eq!(common::reports(&memory, &layout), before);
+    let running = old.start(handler(Arc::clone(&memory), layout)).unwrap();
+    common::wait_for_iterations(
+        &memory,
+        &layout,
+        before.iter().map(|report| report.iterations).max().unwrap() + 10_000,
+        Duration::from_secs(20),
+    );
+    let _ = running.stop(Duration::from_secs(5));
+    for report in common::reports(&memory, &layout) {
+        assert_eq!(report.mismatches, 0, "{report:?}");
+        assert_eq!(report.register_mismatches, 0, "{report:?}");
+    }
+    assert_eq!(check_pages(memory.view(), &layout).unwrap().mismatches, 0);
+}

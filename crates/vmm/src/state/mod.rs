@@ -153,16 +153,10 @@ impl MachineState {
     ///   failed (EINVAL, EFAULT; E2BIG if CPUID has more entries than KVM allows).
     pub fn capture(machine: &Machine) -> Result<(Self, StateTimings)> {
         let started = std::time::Instant::now();
-        let saveable = saveable_msrs(machine.kvm())?;
-        let capabilities = Capabilities::of(machine.kvm());
+        let spec = CaptureSpec::of(machine.kvm())?;
         let mut vcpus = Vec::with_capacity(machine.vcpus().len());
         for vcpu in machine.vcpus() {
-            vcpus.push(capture_vcpu(
-                vcpu.fd(),
-                vcpu.index(),
-                &saveable,
-                capabilities,
-            )?);
+            vcpus.push(capture_vcpu(vcpu.fd(), vcpu.index(), &spec)?);
         }
         let vcpu_time = started.elapsed();
         let started = std::time::Instant::now();
@@ -188,24 +182,7 @@ impl MachineState {
     /// - [`VmmError::VcpuIoctl`] / [`VmmError::Kvm`]: a `KVM_SET_*` ioctl
     ///   failed (EINVAL for a value this KVM refuses, for example an MSR).
     pub fn restore(&self, machine: &Machine) -> Result<StateTimings> {
-        if machine.vcpus().len() != self.vcpus.len() {
-            return Err(VmmError::StateMismatch {
-                reason: format!(
-                    "{} vCPUs saved, the machine has {}",
-                    self.vcpus.len(),
-                    machine.vcpus().len()
-                ),
-            });
-        }
-        if machine.memory().size() != self.memory_size {
-            return Err(VmmError::StateMismatch {
-                reason: format!(
-                    "{} bytes of memory saved, the machine has {}",
-                    self.memory_size,
-                    machine.memory().size()
-                ),
-            });
-        }
+        self.check_fits(machine)?;
         let started = std::time::Instant::now();
         for (vcpu, state) in machine.vcpus().iter().zip(&self.vcpus) {
             restore_vcpu(vcpu.fd(), state)?;
@@ -217,6 +194,28 @@ impl MachineState {
             vcpus: vcpu_time,
             vm: started.elapsed(),
         })
+    }
+
+    /// Refuses a state for a different vCPU count or memory size.
+    pub(crate) fn check_fits_counts(&self, vcpus: usize, memory_size: u64) -> Result<()> {
+        if vcpus != self.vcpus.len() {
+            return Err(VmmError::StateMismatch {
+                reason: format!("{} vCPUs saved, the machine has {vcpus}", self.vcpus.len()),
+            });
+        }
+        if memory_size != self.memory_size {
+            return Err(VmmError::StateMismatch {
+                reason: format!(
+                    "{} bytes of memory saved, the machine has {memory_size}",
+                    self.memory_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_fits(&self, machine: &Machine) -> Result<()> {
+        self.check_fits_counts(machine.vcpus().len(), machine.memory().size())
     }
 
     /// Encodes the state into a new memfd, sealed against any change, ready
@@ -241,41 +240,37 @@ impl MachineState {
     }
 }
 
-/// Capabilities that decide which parts of the state exist.
-#[derive(Clone, Copy, Debug)]
-struct Capabilities {
+/// What a vCPU capture reads, decided once per machine: which optional
+/// parts KVM has, and which MSRs to save.
+#[derive(Clone, Debug)]
+pub(crate) struct CaptureSpec {
     xsave: bool,
     xcrs: bool,
+    /// KVM's saveable MSR list, minus the TSC (see [`tsc`]).
+    msrs: Vec<u32>,
 }
 
-impl Capabilities {
-    fn of(kvm: &Kvm) -> Self {
-        Self {
+impl CaptureSpec {
+    /// Asks KVM.
+    pub(crate) fn of(kvm: &Kvm) -> Result<Self> {
+        let list = kvm
+            .get_msr_index_list()
+            .map_err(|error| VmmError::kvm("KVM_GET_MSR_INDEX_LIST", error))?;
+        Ok(Self {
             xsave: kvm.check_extension(Cap::Xsave),
             xcrs: kvm.check_extension(Cap::Xcrs),
-        }
+            msrs: list
+                .as_slice()
+                .iter()
+                .copied()
+                .filter(|&index| index != MSR_IA32_TSC)
+                .collect(),
+        })
     }
 }
 
-/// The MSRs to save: KVM's list, minus the TSC (see [`tsc`]).
-fn saveable_msrs(kvm: &Kvm) -> Result<Vec<u32>> {
-    let list = kvm
-        .get_msr_index_list()
-        .map_err(|error| VmmError::kvm("KVM_GET_MSR_INDEX_LIST", error))?;
-    Ok(list
-        .as_slice()
-        .iter()
-        .copied()
-        .filter(|&index| index != MSR_IA32_TSC)
-        .collect())
-}
-
-fn capture_vcpu(
-    fd: &VcpuFd,
-    index: u32,
-    saveable: &[u32],
-    capabilities: Capabilities,
-) -> Result<VcpuState> {
+/// Reads one stopped vCPU's state.
+pub(crate) fn capture_vcpu(fd: &VcpuFd, index: u32, spec: &CaptureSpec) -> Result<VcpuState> {
     let failed = |operation| move |error| VmmError::vcpu(operation, index, error);
     // MP state first: reading it makes KVM settle pending INIT/SIPI events,
     // which the later reads then see (Firecracker's order).
@@ -283,13 +278,13 @@ fn capture_vcpu(
     let regs = fd.get_regs().map_err(failed("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(failed("KVM_GET_SREGS"))?;
     let fpu = fd.get_fpu().map_err(failed("KVM_GET_FPU"))?;
-    let xsave = if capabilities.xsave {
+    let xsave = if spec.xsave {
         let xsave = fd.get_xsave().map_err(failed("KVM_GET_XSAVE"))?;
         Some(XsaveArea::from_kvm(&xsave))
     } else {
         None
     };
-    let xcrs = if capabilities.xcrs {
+    let xcrs = if spec.xcrs {
         Some(fd.get_xcrs().map_err(failed("KVM_GET_XCRS"))?)
     } else {
         None
@@ -299,7 +294,7 @@ fn capture_vcpu(
     let events = fd
         .get_vcpu_events()
         .map_err(failed("KVM_GET_VCPU_EVENTS"))?;
-    let msrs = read_msrs(fd, index, saveable)?;
+    let msrs = read_msrs(fd, index, &spec.msrs)?;
     let cpuid = fd
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(failed("KVM_GET_CPUID2"))?
@@ -352,7 +347,8 @@ fn read_msrs(fd: &VcpuFd, vcpu: u32, indices: &[u32]) -> Result<Vec<kvm_msr_entr
     Ok(saved)
 }
 
-fn capture_vm(vm: &VmFd) -> Result<VmState> {
+/// Reads the VM-wide state.
+pub(crate) fn capture_vm(vm: &VmFd) -> Result<VmState> {
     let clock = vm
         .get_clock()
         .map_err(|error| VmmError::kvm("KVM_GET_CLOCK", error))?;
@@ -373,7 +369,9 @@ fn capture_vm(vm: &VmFd) -> Result<VmState> {
     Ok(VmState { clock, irqchips })
 }
 
-fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<()> {
+/// Writes one vCPU's state (the vCPU must never have run, or have run only
+/// the prefault program).
+pub(crate) fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<()> {
     let index = state.index;
     let failed = |operation| move |error| VmmError::vcpu(operation, index, error);
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VmmError::VcpuIoctl {
@@ -434,7 +432,8 @@ fn write_msrs(fd: &VcpuFd, vcpu: u32, entries: &[kvm_msr_entry]) -> Result<()> {
     Ok(())
 }
 
-fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
+/// Writes the VM-wide state.
+pub(crate) fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
     // With KVM_CLOCK_REALTIME in the flags (as KVM_GET_CLOCK returned them),
     // KVM advances kvmclock by the real time elapsed since the capture.
     vm.set_clock(&state.clock)
