@@ -1,0 +1,76 @@
+//! Criterion benchmarks of the gmem hot paths; see `measure.rs` for what
+//! each one times. The same measurements print as one side-by-side table
+//! with `cargo run --release -p gmem --example bench_table`.
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+
+#[path = "measure.rs"]
+mod measure;
+
+use measure::Allocation;
+
+/// The N of "N threads": the machine's CPUs (2 here), at least 2.
+fn many_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |count| count.get().max(2))
+}
+
+fn get_folio_present(criterion: &mut Criterion) {
+    let file = measure::populated_file();
+    let mut group = criterion.benchmark_group("get_folio_present");
+    for threads in [1, many_threads()] {
+        group.bench_with_input(
+            BenchmarkId::from_parameter(threads),
+            &threads,
+            |bencher, &threads| {
+                bencher.iter_custom(|iterations| {
+                    measure::get_folio_present(&file, threads, iterations)
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+fn allocate_missing(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("allocate_missing_page");
+    group.measurement_time(Duration::from_secs(3));
+    for threads in [1, many_threads()] {
+        for kind in [
+            Allocation::GetFolio,
+            Allocation::GetFolioWithoutFreezeCheck,
+            Allocation::BareFallocate,
+        ] {
+            group.bench_with_input(
+                BenchmarkId::new(format!("{kind:?}"), threads),
+                &threads,
+                |bencher, &threads| {
+                    bencher.iter_custom(|iterations| {
+                        measure::allocate_missing(kind, threads, iterations)
+                    });
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+fn freeze_latency(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("freeze_while_faulting");
+    group.sample_size(20);
+    for threads in [0, many_threads()] {
+        group.bench_with_input(
+            BenchmarkId::from_parameter(threads),
+            &threads,
+            |bencher, &threads| {
+                bencher
+                    .iter_custom(|iterations| measure::freeze_while_faulting(threads, iterations));
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, get_folio_present, allocate_missing, freeze_latency);
+criterion_main!(benches);
