@@ -23,4 +23,4 @@ pub mod vcpu;
 
 pub use error::{Result, VmmError};
 pub use machine::{Machine, MachineConfig, RunningMachine};
-pub use memory::{GuestMemory, GuestRam, MemfdRam};
+pub use memory::{GmemRam, GuestMemory, GuestRam, MemfdRam};

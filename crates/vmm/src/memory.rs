@@ -289,6 +289,72 @@ impl Drop for MemfdRam {
     }
 }
 
+/// Guest RAM in a gmem [`gmem::GuestMemFile`]: the file and its own host
+/// mapping (which the fault service registers with userfaultfd).
+///
+/// Without a fault service, guest touches allocate pages in the file behind
+/// the file's back (its index does not see them); populate the file first
+/// (`fallocate`) or run the fault service.
+#[derive(Debug)]
+pub struct GmemRam {
+    file: std::sync::Arc<gmem::GuestMemFile>,
+    address: NonNull<u8>,
+    size: u64,
+}
+
+// SAFETY: as MemfdRam: the file object is shared (Arc, Send + Sync) and the
+// address only names its mapping.
+unsafe impl Send for GmemRam {}
+// SAFETY: as above.
+unsafe impl Sync for GmemRam {}
+
+impl GmemRam {
+    /// Wraps `file`, mapping it (once, for the file's lifetime).
+    ///
+    /// # Errors
+    /// - [`VmmError::MemoryFile`]: the file cannot be mapped (ENODEV without
+    ///   GUEST_MEMFD_FLAG_MMAP, or a private kvm guest_memfd; ENOMEM).
+    pub fn new(file: std::sync::Arc<gmem::GuestMemFile>) -> Result<Self> {
+        let mapping = file.mapping().map_err(|error| VmmError::MemoryFile {
+            operation: "map the guest memory file",
+            errno: error.errno(),
+        })?;
+        let address = mapping.host_address();
+        let size = file.size();
+        Ok(Self {
+            file,
+            address,
+            size,
+        })
+    }
+
+    /// The gmem file.
+    pub fn file_object(&self) -> &std::sync::Arc<gmem::GuestMemFile> {
+        &self.file
+    }
+}
+
+// SAFETY: gmem maps the whole file once, MAP_SHARED and read/write, and
+// unmaps it only when the GuestMemFile drops, which `self.file` prevents
+// while this object lives; the size is fixed at creation.
+unsafe impl GuestRam for GmemRam {
+    fn file(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn host_address(&self) -> NonNull<u8> {
+        self.address
+    }
+
+    fn page_size(&self) -> u64 {
+        self.file.folio_size()
+    }
+}
+
 /// The monitor's view of guest RAM: the RAM object plus a
 /// `vm_memory::GuestMemoryMmap` over the same mapping, guest-physical
 /// address 0 at file offset 0.

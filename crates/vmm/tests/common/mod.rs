@@ -86,3 +86,42 @@ pub fn wait_for_gaps(
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Raises the huge page pool by `count` 2 MiB pages; gives them back on drop.
+pub struct HugePages {
+    previous: u64,
+}
+
+impl HugePages {
+    /// Reserves, or says why not.
+    pub fn reserve(count: u64) -> Result<Self, String> {
+        let previous: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .map_err(|error| format!("cannot read {NR_HUGEPAGES}: {error}"))?
+            .trim()
+            .parse()
+            .map_err(|error| format!("bad {NR_HUGEPAGES}: {error}"))?;
+        let reservation = Self { previous };
+        std::fs::write(NR_HUGEPAGES, (previous + count).to_string())
+            .map_err(|error| format!("cannot write {NR_HUGEPAGES} (root needed): {error}"))?;
+        let now: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .map_err(|error| error.to_string())?
+            .trim()
+            .parse()
+            .map_err(|error: std::num::ParseIntError| error.to_string())?;
+        if now < previous + count {
+            return Err(format!(
+                "the kernel gave {} of {count} huge pages",
+                now - previous
+            ));
+        }
+        Ok(reservation)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.previous.to_string());
+    }
+}
