@@ -47,6 +47,13 @@ struct Options {
     /// Skip the KVM step table.
     #[arg(long)]
     skip_steps: bool,
+    /// Update variants to run: rebuild, prebuilt, warm, populate, prefault.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "rebuild,prebuilt,warm,populate,prefault"
+    )]
+    modes: Vec<String>,
 }
 
 /// Median, min and max of a sample, formatted.
@@ -271,6 +278,9 @@ fn one_update(
         };
     }
     let phases = report.phases;
+    if std::env::var_os("KVM_STEPS_DEBUG").is_some() {
+        eprintln!("{phases:?} blackout {:?}", report.host_blackout);
+    }
     Ok((
         running,
         UpdateSample {
@@ -313,24 +323,37 @@ fn updates(options: &Options) -> anyhow::Result<()> {
     };
     for &size_mib in &options.sizes_mib {
         for &pages in page_sizes {
-            for (label, update) in [
+            for (name, label, update) in [
                 (
+                    "rebuild",
                     "rebuild (exec-like)",
                     UpdateOptions {
                         prebuild: false,
                         populate: false,
+                        warm_up: false,
                         ..Default::default()
                     },
                 ),
                 (
+                    "prebuilt",
                     "prebuilt (transfer)",
                     UpdateOptions {
                         prebuild: true,
                         populate: false,
+                        warm_up: false,
                         ..Default::default()
                     },
                 ),
                 (
+                    "warm",
+                    "prebuilt + warm-up",
+                    UpdateOptions {
+                        prebuild: true,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "populate",
                     "prebuilt + populate",
                     UpdateOptions {
                         prebuild: true,
@@ -339,6 +362,7 @@ fn updates(options: &Options) -> anyhow::Result<()> {
                     },
                 ),
                 (
+                    "prefault",
                     "prebuilt + prefault",
                     UpdateOptions {
                         prebuild: true,
@@ -348,6 +372,9 @@ fn updates(options: &Options) -> anyhow::Result<()> {
                     },
                 ),
             ] {
+                if !options.modes.iter().any(|mode| mode == name) {
+                    continue;
+                }
                 let mut running = populated_guest(size_mib, options.vcpus, pages)?;
                 let mut samples = Vec::new();
                 for _ in 0..options.updates {

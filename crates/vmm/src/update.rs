@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Result, VmmError};
 use crate::guest::{arm_gap_probe, offsets};
-use crate::layout::{GuestLayout, read_object};
+use crate::layout::{DATA_BASE, GuestLayout, read_object};
 use crate::machine::{
     ArmedMachine, BuildTimings, Machine, MachineConfig, RunningMachine, StopError,
 };
@@ -58,6 +58,11 @@ pub struct UpdateOptions {
     /// Run the prefault program over the populated memory in the new VM
     /// before the switch ([`crate::prefault`]).
     pub prefault: bool,
+    /// Without `prefault`: still run the prefault program over the guest's
+    /// fixed low area (page tables, program, control blocks, stacks, trace
+    /// rings; a few MiB), which also pays each new vCPU's first `KVM_RUN`
+    /// (milliseconds on this machine's KVM) before the switch.
+    pub warm_up: bool,
     /// How long to wait for the vCPUs to stop.
     pub stop_timeout: Duration,
 }
@@ -68,6 +73,7 @@ impl Default for UpdateOptions {
             prebuild: true,
             populate: false,
             prefault: false,
+            warm_up: true,
             stop_timeout: Duration::from_secs(5),
         }
     }
@@ -82,7 +88,7 @@ pub struct UpdatePhases {
     pub build: BuildTimings,
     /// Populating the new mapping's page tables.
     pub populate: Duration,
-    /// Running the prefault program in the new VM.
+    /// Running the prefault program (or the warm-up) in the new VM.
     pub prefault: Duration,
     /// Spawning the new vCPU threads (waiting).
     pub arm: Duration,
@@ -174,8 +180,15 @@ fn build_successor(
     }
     phases.populate = started.elapsed();
     let started = Instant::now();
-    if options.prefault {
-        let ranges = populated_ranges(memory.ram().as_ref())?;
+    if options.prefault || options.warm_up {
+        let mut ranges = populated_ranges(memory.ram().as_ref())?;
+        if !options.prefault {
+            ranges = ranges
+                .into_iter()
+                .filter(|range| range.start < DATA_BASE)
+                .map(|range| range.start..range.end.min(DATA_BASE))
+                .collect();
+        }
         machine.prefault(&ranges, memory.ram().page_size(), None)?;
     }
     phases.prefault = started.elapsed();
