@@ -1,0 +1,127 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm::guest::{GuestMonitor, GuestOptions, GuestReport};
+use vmm::machine::{Machine, MachineConfig, RunningMachine};
+use vmm::memory::{GuestMemory, MemfdRam};
+
+/// Whether /dev/kvm can be used; prints why not.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(error) => {
+            eprintln!("SKIPPED: {test}: /dev/kvm cannot be opened ({error})");
+            false
+        }
+    }
+}
+
+/// A booted machine over a fresh memfd, started with a [`GuestMonitor`].
+pub fn boot(
+    memory_size: u64,
+    vcpus: u32,
+    options: GuestOptions,
+) -> (RunningMachine, Arc<GuestMonitor>) {
+    let ram = MemfdRam::create(memory_size).expect("memfd");
+    let memory = Arc::new(GuestMemory::new(Arc::new(ram)).expect("vm-memory view"));
+    let mut machine =
+        Machine::create(Arc::clone(&memory), MachineConfig { vcpus }).expect("machine");
+    machine.boot(options).expect("boot");
+    let monitor = Arc::new(GuestMonitor::new(*machine.layout(), memory));
+    let running = machine.start(monitor.clone()).expect("start");
+    (running, monitor)
+}
+
+/// Sum of every vCPU's report.
+pub fn reports(
+    running_memory: &GuestMemory,
+    layout: &vmm::layout::GuestLayout,
+) -> Vec<GuestReport> {
+    (0..layout.vcpus())
+        .map(|vcpu| GuestReport::read(running_memory.view(), layout, vcpu).expect("report"))
+        .collect()
+}
+
+/// Waits until every vCPU has done at least `iterations` iterations.
+pub fn wait_for_iterations(
+    memory: &GuestMemory,
+    layout: &vmm::layout::GuestLayout,
+    iterations: u64,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let all = reports(memory, layout);
+        if all.iter().all(|report| report.iterations >= iterations) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "guest too slow: {all:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until every vCPU's gap probe has caught its gap; returns the gaps.
+pub fn wait_for_gaps(
+    memory: &GuestMemory,
+    layout: &vmm::layout::GuestLayout,
+    timeout: Duration,
+) -> Vec<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let gaps = vmm::guest::probed_gaps(memory.view(), layout).expect("gaps");
+        if gaps.iter().all(Option::is_some) {
+            return gaps.into_iter().flatten().collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest gap probe never caught a gap: {gaps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Raises the huge page pool by `count` 2 MiB pages; gives them back on drop.
+pub struct HugePages {
+    previous: u64,
+}
+
+impl HugePages {
+    /// Reserves, or says why not.
+    pub fn reserve(count: u64) -> Result<Self, String> {
+        let previous: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .map_err(|error| format!("cannot read {NR_HUGEPAGES}: {error}"))?
+            .trim()
+            .parse()
+            .map_err(|error| format!("bad {NR_HUGEPAGES}: {error}"))?;
+        let reservation = Self { previous };
+        std::fs::write(NR_HUGEPAGES, (previous + count).to_string())
+            .map_err(|error| format!("cannot write {NR_HUGEPAGES} (root needed): {error}"))?;
+        let now: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .map_err(|error| error.to_string())?
+            .trim()
+            .parse()
+            .map_err(|error: std::num::ParseIntError| error.to_string())?;
+        if now < previous + count {
+            return Err(format!(
+                "the kernel gave {} of {count} huge pages",
+                now - previous
+            ));
+        }
+        Ok(reservation)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.previous.to_string());
+    }
+}

@@ -1,0 +1,89 @@
+//! The guest runs on gmem guest memory files of every backend, and resumes
+//! in a new VM over the same file.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gmem::{Backend, FallocMode, GmemFlags, GuestMemFile};
+use vmm::guest::{GuestMonitor, GuestOptions, check_pages};
+use vmm::machine::{Machine, MachineConfig};
+use vmm::memory::{GmemRam, GuestMemory};
+use vmm::state::MachineState;
+
+const SIZE: u64 = 32 << 20;
+
+fn run_on(backend: Backend) {
+    let file = match GuestMemFile::create(SIZE, GmemFlags::HOST_ACCESSIBLE, backend) {
+        Ok(file) => file,
+        Err(error) => {
+            eprintln!("SKIPPED: guest on the {backend} backend: {error}");
+            return;
+        }
+    };
+    // No fault service here: allocate everything through the file first so
+    // its index knows every page the guest will touch.
+    file.fallocate(FallocMode::ALLOCATE, 0, SIZE as i64)
+        .unwrap();
+    let memory =
+        Arc::new(GuestMemory::new(Arc::new(GmemRam::new(Arc::clone(&file)).unwrap())).unwrap());
+    let mut machine = Machine::create(Arc::clone(&memory), MachineConfig { vcpus: 2 }).unwrap();
+    machine.boot(GuestOptions::default()).unwrap();
+    let layout = *machine.layout();
+    let running = machine
+        .start(Arc::new(GuestMonitor::new(layout, Arc::clone(&memory))))
+        .unwrap();
+    common::wait_for_iterations(&memory, &layout, 20_000, Duration::from_secs(20));
+    let (old, _, state) = running
+        .stop_capturing(Duration::from_secs(5))
+        .map_err(|error| error.error().to_string())
+        .unwrap();
+    let state = MachineState::from_fd(state.to_memfd().unwrap()).unwrap();
+    vmm::guest::arm_gap_probe(memory.view(), &layout).unwrap();
+    let new = Machine::create(Arc::clone(&memory), MachineConfig { vcpus: 2 }).unwrap();
+    let running = new
+        .arm(Arc::new(GuestMonitor::new(layout, Arc::clone(&memory))))
+        .unwrap()
+        .go(Some(&state))
+        .unwrap();
+    drop(old);
+    common::wait_for_gaps(&memory, &layout, Duration::from_secs(20));
+    let _ = running.stop(Duration::from_secs(5));
+    for report in common::reports(&memory, &layout) {
+        assert!(report.iterations > 20_000, "{backend}: {report:?}");
+        assert_eq!(report.mismatches, 0, "{backend}: {report:?}");
+        assert_eq!(report.register_mismatches, 0, "{backend}: {report:?}");
+    }
+    assert_eq!(check_pages(memory.view(), &layout).unwrap().mismatches, 0);
+    assert_eq!(file.populated_count() * file.folio_size(), SIZE);
+}
+
+#[test]
+fn guest_runs_and_resumes_on_a_gmem_memfd_file() {
+    if common::kvm_available("guest_runs_and_resumes_on_a_gmem_memfd_file") {
+        run_on(Backend::Memfd);
+    }
+}
+
+#[test]
+fn guest_runs_and_resumes_on_a_gmem_kvm_file() {
+    if common::kvm_available("guest_runs_and_resumes_on_a_gmem_kvm_file") {
+        run_on(Backend::Kvm);
+    }
+}
+
+#[test]
+fn guest_runs_and_resumes_on_a_gmem_hugetlb_file() {
+    if !common::kvm_available("guest_runs_and_resumes_on_a_gmem_hugetlb_file") {
+        return;
+    }
+    let _pages = match common::HugePages::reserve(SIZE / (2 << 20) + 2) {
+        Ok(pages) => pages,
+        Err(reason) => {
+            eprintln!("SKIPPED: guest_runs_and_resumes_on_a_gmem_hugetlb_file: {reason}");
+            return;
+        }
+    };
+    run_on(Backend::Hugetlb);
+}
