@@ -3,7 +3,6 @@
 //! first touch must come through the service.
 
 use std::collections::BTreeSet;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
