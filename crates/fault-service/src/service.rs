@@ -32,6 +32,12 @@
 //! 3. Two touchers of one page: two messages; the second `get_folio` finds
 //!    the folio present and only wakes. A raced read returns EAGAIN and is
 //!    simply empty. UFFDIO_WAKE on a range with no waiter is harmless.
+//!    EEXIST cannot arise: it is what UFFDIO_COPY and UFFDIO_ZEROPAGE return
+//!    when a page appeared meanwhile, and the service uses neither; a page
+//!    that appeared meanwhile is found present by `get_folio`, and the
+//!    toucher is only woken. (Verified on Linux 6.18: after fallocate puts
+//!    the folio in the shmem page cache, UFFDIO_WAKE makes the toucher retry
+//!    and map it; MISSING mode fires only for pages absent from the cache.)
 //!
 //! Shutdown (`shutdown`) refuses while faults are parked (it would have to
 //! wake them, and a woken toucher retries without the userfaultfd, so the
