@@ -338,7 +338,11 @@ fn a_fault_that_cannot_be_served_is_reported_and_retried() {
         .expect("a Failed event");
     match &event {
         FaultEvent::Failed { index, errno, .. } => {
-            assert_eq!(index.0 / 512, 1, "the fault is in the second huge folio: {event:?}");
+            assert_eq!(
+                index.0 / 512,
+                1,
+                "the fault is in the second huge folio: {event:?}"
+            );
             assert_eq!(*errno, libc::ENOSPC, "{event:?}");
         }
         other => panic!("expected Failed, got {other:?}"),
