@@ -39,12 +39,16 @@
 //!    the folio in the shmem page cache, UFFDIO_WAKE makes the toucher retry
 //!    and map it; MISSING mode fires only for pages absent from the cache.)
 //!
-//! Shutdown (`shutdown`) refuses while faults are parked (it would have to
-//! wake them, and a woken toucher retries without the userfaultfd, so the
-//! kernel would allocate behind the freeze). Otherwise the handler stops and
-//! the ranges are unregistered; from then on the kernel serves faults
-//! directly. Dropping a service without `shutdown` does the same even with
-//! parked faults, and reports each of them as `Abandoned` (and logs it).
+//! Shutdown: the handler is asked to stop; it first serves every fault
+//! already queued, then stops only if nothing is parked. Waking a parked
+//! fault would let the toucher retry without the userfaultfd, so the kernel
+//! would allocate behind the freeze and the page would be missing from the
+//! index (and from a preserved folio list). So `shutdown` with parked faults
+//! is refused (EBUSY, the service is handed back), and dropping a service
+//! with parked faults detaches the handler instead: it keeps running, and
+//! serves them at unfreeze, for the rest of the process (reported as a
+//! `Detached` event and logged as an error). After a clean stop the ranges
+//! are unregistered and the kernel serves faults directly.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
@@ -161,15 +165,12 @@ pub enum FaultEvent {
         /// The message.
         message: String,
     },
-    /// The service was dropped with this fault parked: the kernel serves it
-    /// directly once the range is unregistered.
-    Abandoned {
-        /// Position of the file.
-        file: usize,
-        /// The faulting host address.
-        address: u64,
-        /// The page of the file.
-        index: PageIndex,
+    /// The service was dropped while faults were parked: its handler was
+    /// detached and keeps serving them (at unfreeze) for the rest of the
+    /// process, rather than waking them into the kernel's own allocation.
+    Detached {
+        /// Faults parked at the time.
+        parked: usize,
     },
 }
 
@@ -217,8 +218,19 @@ struct ParkedFault {
     since: Instant,
 }
 
+/// The handler's answer to a stop request.
+enum StopReply {
+    /// Stopped: nothing was parked.
+    Stopped,
+    /// Still running: this many faults are parked.
+    Busy(usize),
+}
+
 struct Shared {
     uffd: Userfaultfd,
+    /// The stop request eventfd (written by `FaultService`, read here).
+    stop: OwnedFd,
+    stop_replies: Sender<StopReply>,
     regions: Vec<Region>,
     counters: Counters,
     parked: Mutex<VecDeque<ParkedFault>>,
@@ -228,7 +240,7 @@ struct Shared {
 /// The fault service; see the module documentation.
 pub struct FaultService {
     shared: Arc<Shared>,
-    stop: OwnedFd,
+    stop_reply: Receiver<StopReply>,
     handler: Option<JoinHandle<()>>,
 }
 
@@ -277,20 +289,23 @@ impl FaultService {
                 .map_err(system("register a mapping with the userfaultfd"))?;
             regions.push(Region { file, start, len });
         }
-        let (events, receiver) = mpsc::channel();
-        let shared = Arc::new(Shared {
-            uffd,
-            regions,
-            counters: Counters::default(),
-            parked: Mutex::new(VecDeque::new()),
-            events,
-        });
         let stop = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )
         .map_err(system("create the stop eventfd"))?;
-        let poller = Self::poller(&shared, &stop)?;
+        let (events, receiver) = mpsc::channel();
+        let (stop_replies, stop_reply) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            uffd,
+            stop,
+            stop_replies,
+            regions,
+            counters: Counters::default(),
+            parked: Mutex::new(VecDeque::new()),
+            events,
+        });
+        let poller = Self::poller(&shared)?;
         let handler = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -304,14 +319,14 @@ impl FaultService {
         Ok((
             FaultService {
                 shared,
-                stop,
+                stop_reply,
                 handler: Some(handler),
             },
             receiver,
         ))
     }
 
-    fn poller(shared: &Shared, stop: &OwnedFd) -> Result<OwnedFd, FaultServiceError> {
+    fn poller(shared: &Shared) -> Result<OwnedFd, FaultServiceError> {
         let poller = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(system("epoll_create"))?;
         let add = |fd, key| {
             epoll::add(
@@ -322,7 +337,7 @@ impl FaultService {
             )
             .map_err(system("add an fd to the epoll set"))
         };
-        add(stop.as_fd(), STOP_KEY)?;
+        add(shared.stop.as_fd(), STOP_KEY)?;
         add(shared.uffd.as_fd(), UFFD_KEY)?;
         for (number, region) in shared.regions.iter().enumerate() {
             let event =
@@ -367,38 +382,32 @@ impl FaultService {
     /// Errors: EBUSY (`FaultsParked`, the service is handed back running)
     /// while faults are parked.
     pub fn shutdown(mut self) -> Result<FaultCounters, (FaultService, FaultServiceError)> {
-        let parked = self.parked_now();
-        if parked > 0 {
-            return Err((self, FaultServiceError::FaultsParked { parked }));
+        match self.request_stop() {
+            StopReply::Busy(parked) => Err((self, FaultServiceError::FaultsParked { parked })),
+            StopReply::Stopped => {
+                self.join_and_unregister();
+                Ok(self.counters())
+            }
         }
-        self.stop_and_unregister();
-        Ok(self.counters())
     }
 
-    fn stop_and_unregister(&mut self) {
-        let Some(handler) = self.handler.take() else {
-            return;
-        };
-        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
-        if handler.join().is_err() {
-            tracing::error!("the fault handler thread panicked");
+    /// Asks the handler to stop and waits for its answer.
+    fn request_stop(&mut self) -> StopReply {
+        if self.handler.is_none() {
+            return StopReply::Stopped;
         }
-        for parked in self.shared.lock_parked().drain(..) {
-            self.shared
-                .counters
-                .parked_now
-                .fetch_sub(1, Ordering::Relaxed);
-            tracing::error!(
-                file = parked.file,
-                address = parked.fault.address,
-                index = parked.index.0,
-                "fault service dropped with a parked fault: the kernel will serve it directly"
-            );
-            let _ = self.shared.events.send(FaultEvent::Abandoned {
-                file: parked.file,
-                address: parked.fault.address,
-                index: parked.index,
-            });
+        if let Err(errno) = rustix::io::write(&self.shared.stop, &1u64.to_ne_bytes()) {
+            tracing::error!(%errno, "cannot signal the fault handler to stop");
+        }
+        // A handler that died has dropped its sender: treat it as stopped.
+        self.stop_reply.recv().unwrap_or(StopReply::Stopped)
+    }
+
+    fn join_and_unregister(&mut self) {
+        if let Some(handler) = self.handler.take()
+            && handler.join().is_err()
+        {
+            tracing::error!("the fault handler thread panicked");
         }
         for region in &self.shared.regions {
             if let Err(errno) = self.shared.uffd.unregister(region.start, region.len) {
@@ -410,7 +419,19 @@ impl FaultService {
 
 impl Drop for FaultService {
     fn drop(&mut self) {
-        self.stop_and_unregister();
+        match self.request_stop() {
+            StopReply::Stopped => self.join_and_unregister(),
+            StopReply::Busy(parked) => {
+                tracing::error!(
+                    parked,
+                    "fault service dropped with parked faults: its handler stays running to serve them at unfreeze"
+                );
+                let _ = self.shared.events.send(FaultEvent::Detached { parked });
+                // Dropping the JoinHandle detaches the thread; it owns an Arc
+                // of everything it needs.
+                self.handler.take();
+            }
+        }
     }
 }
 
@@ -436,12 +457,33 @@ impl Shared {
             }
             for event in &ready {
                 match event.data.u64() {
-                    STOP_KEY => return,
+                    STOP_KEY => {
+                        if self.stop_requested(&mut faults) {
+                            return;
+                        }
+                    }
                     UFFD_KEY => self.serve_pending(&mut faults),
                     key => self.serve_unfrozen((key - FIRST_FILE_KEY) as usize),
                 }
             }
         }
+    }
+
+    /// A stop request: serve what is queued, then stop unless faults are
+    /// parked. Returns whether to stop.
+    fn stop_requested(&self, faults: &mut Vec<PageFault>) -> bool {
+        // Drain the request (EAGAIN only means it was drained already).
+        let mut counter = [0u8; 8];
+        let _ = rustix::io::read(&self.stop, &mut counter);
+        self.serve_pending(faults);
+        let parked = self.lock_parked().len();
+        let reply = if parked == 0 {
+            StopReply::Stopped
+        } else {
+            StopReply::Busy(parked)
+        };
+        let _ = self.stop_replies.send(reply);
+        parked == 0
     }
 
     /// Reads and serves every pending fault, then retries failed ones.
@@ -477,24 +519,29 @@ impl Shared {
             return;
         };
         let index = PageIndex((fault.address - region.start) / gmem::PAGE_SIZE);
-        match self.allocate_and_wake(region, index) {
-            Ok(()) => {
+        match self.allocate(region, index) {
+            Ok(range) => {
                 self.counters.served.fetch_add(1, Ordering::Relaxed);
+                self.wake(range);
             }
             Err(error) => self.park(file, fault, index, &error),
         }
     }
 
-    /// `get_folio`, then UFFDIO_WAKE over the folio.
-    fn allocate_and_wake(&self, region: &Region, index: PageIndex) -> Result<(), GmemError> {
+    /// `get_folio`; returns the folio's host range, to be woken.
+    fn allocate(&self, region: &Region, index: PageIndex) -> Result<(u64, u64), GmemError> {
         let folio = region.file.get_folio(index)?;
-        let start = region.start + folio.index().byte_offset();
-        if let Err(errno) = self.uffd.wake(start, folio.size()) {
+        Ok((region.start + folio.index().byte_offset(), folio.size()))
+    }
+
+    /// UFFDIO_WAKE over a folio's range. Counters and events are updated
+    /// before this, so whoever sees the toucher proceed sees them too.
+    fn wake(&self, (start, len): (u64, u64)) {
+        if let Err(errno) = self.uffd.wake(start, len) {
             // Only a bad range fails here; the folio exists, so the toucher
             // finds it on its own next retry.
             tracing::error!(%errno, start, "UFFDIO_WAKE failed");
         }
-        Ok(())
     }
 
     fn park(&self, file: usize, fault: PageFault, index: PageIndex, error: &GmemError) {
@@ -553,8 +600,8 @@ impl Shared {
             chosen.into()
         };
         for parked in candidates {
-            match self.allocate_and_wake(&self.regions[parked.file], parked.index) {
-                Ok(()) => {
+            match self.allocate(&self.regions[parked.file], parked.index) {
+                Ok(range) => {
                     let parked_for = parked.since.elapsed();
                     self.counters
                         .served_after_unfreeze
@@ -569,6 +616,7 @@ impl Shared {
                         index: parked.index,
                         parked_for,
                     });
+                    self.wake(range);
                 }
                 Err(error) => {
                     if !error.is_frozen() {

@@ -371,3 +371,52 @@ fn a_fault_that_cannot_be_served_is_reported_and_retried() {
     );
     service.shutdown().expect("shutdown");
 }
+
+#[test]
+fn dropping_the_service_with_parked_faults_detaches_its_handler() {
+    let file = memfd_file(16);
+    let (service, events) = FaultService::start([file.clone()]).expect("start");
+    let base = Base::of(&file);
+    file.freeze(true);
+    let done = Arc::new(AtomicBool::new(false));
+    let toucher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let value = base.touch(5, 0, 9);
+            done.store(true, Ordering::Release);
+            value
+        })
+    };
+    let parked = events
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a Parked event");
+    assert!(
+        matches!(
+            parked,
+            FaultEvent::Parked {
+                index: PageIndex(5),
+                ..
+            }
+        ),
+        "{parked:?}"
+    );
+    drop(service);
+    let detached = events
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a Detached event");
+    assert_eq!(detached, FaultEvent::Detached { parked: 1 });
+    // Nothing was woken behind the freeze: the toucher still waits...
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        !done.load(Ordering::Acquire),
+        "the parked toucher was woken by the drop"
+    );
+    assert!(!file.is_present(PageIndex(5)));
+    // ...and the detached handler serves it through get_folio at unfreeze.
+    file.freeze(false);
+    assert_eq!(toucher.join().expect("toucher"), 9);
+    assert!(
+        file.is_present(PageIndex(5)),
+        "served through get_folio, so recorded"
+    );
+}
