@@ -493,11 +493,14 @@ impl Shared {
                 tracing::error!(%errno, "reading the userfaultfd failed");
                 return;
             }
-            if faults.is_empty() {
-                break;
-            }
             for fault in faults.iter() {
                 self.serve(*fault);
+            }
+            // A short batch drained the queue; anything newer makes the
+            // (level-triggered) epoll report the fd again. This saves a read
+            // that would only say EAGAIN on every single fault.
+            if faults.len() < crate::uffd::READ_BATCH {
+                break;
             }
         }
         self.retry_parked(|parked| parked.failed);
@@ -593,6 +596,10 @@ impl Shared {
     /// Serves the parked faults that `select` picks; keeps those that still
     /// cannot be served.
     fn retry_parked(&self, select: impl Fn(&ParkedFault) -> bool) {
+        // Relaxed: a hint only; the queue itself is read under its lock.
+        if self.counters.parked_now.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let candidates: Vec<ParkedFault> = {
             let mut parked = self.lock_parked();
             let (chosen, kept): (VecDeque<_>, VecDeque<_>) = parked.drain(..).partition(&select);

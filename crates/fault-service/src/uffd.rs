@@ -24,6 +24,9 @@ use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDI
 use rustix::io::Errno;
 use rustix::ioctl::{Opcode, Setter, Updater};
 
+/// Messages read per `read_faults` call (2 KiB of `uffd_msg`).
+pub const READ_BATCH: usize = 64;
+
 /// One page fault read from the userfaultfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageFault {
@@ -149,14 +152,13 @@ impl Userfaultfd {
     }
 
     /// Reads the pending page faults into `faults` (cleared first), up to
-    /// 64 per call. An empty result means none were pending (EAGAIN, e.g.
+    /// [`READ_BATCH`] per call. An empty result means none were pending (EAGAIN, e.g.
     /// another reader or a raced wake took them).
     ///
     /// Errors: the kernel's read errors other than EAGAIN and EINTR.
     pub fn read_faults(&self, faults: &mut Vec<PageFault>) -> Result<(), Errno> {
-        const BATCH: usize = 64;
         faults.clear();
-        let mut buffer = [0u8; BATCH * std::mem::size_of::<uffd_msg>()];
+        let mut buffer = [0u8; READ_BATCH * std::mem::size_of::<uffd_msg>()];
         let bytes = match rustix::io::read(&self.fd, &mut buffer) {
             Ok(bytes) => bytes,
             Err(Errno::AGAIN | Errno::INTR) => return Ok(()),
