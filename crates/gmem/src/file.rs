@@ -379,6 +379,15 @@ impl GuestMemFile {
         Ok(self.folio_handle(folio))
     }
 
+    /// Runs only the freeze check of the fault path (the SRCU read section
+    /// and the FROZEN load), for the benchmark that prices it. Returns
+    /// whether an allocation would be allowed now.
+    #[cfg(feature = "bench-internals")]
+    #[doc(hidden)]
+    pub fn freeze_check_for_bench(&self) -> bool {
+        self.state.freeze_check_only(crate::freeze_domain())
+    }
+
     #[inline]
     fn folio_number(&self, index: PageIndex) -> Result<u64, GmemError> {
         if index.0 >= self.pages() {
