@@ -1,5 +1,5 @@
 //! Prints the fault-service cost table (markdown), the three rows measured
-//! side by side in each of several rounds (medians):
+//! side by side in each of 11 rounds (median and min–max over rounds):
 //! `cargo run --release -p fault-service --example fault_table`.
 
 #[path = "../benches/measure.rs"]
@@ -7,12 +7,19 @@ mod measure;
 
 use measure::FirstTouch;
 
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 const TOUCHES: u64 = 16_384;
 
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
+}
+
+/// "median (min–max)" of per-round values: the spread shows the noise.
+fn spread(samples: Vec<f64>, unit: &str) -> String {
+    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.2}{unit} ({low:.2}–{high:.2})", median(samples))
 }
 
 fn main() {
@@ -26,18 +33,21 @@ fn main() {
             per_touch(FirstTouch::Fallocate),
         ));
     }
-    let service = median(rounds.iter().map(|round| round.0).collect());
-    let plain = median(rounds.iter().map(|round| round.1).collect());
-    let fallocate = median(rounds.iter().map(|round| round.2).collect());
-    let ratio = median(rounds.iter().map(|round| round.0 / round.1).collect());
+    let column = |pick: fn(&(f64, f64, f64)) -> f64| rounds.iter().map(pick).collect::<Vec<f64>>();
     println!("| first touch of a 4 KiB page | µs per page | vs plain first touch | target |");
     println!("| --- | --- | --- | --- |");
     println!(
-        "| through the fault service (userfaultfd → get_folio → wake) | {service:.2} | {ratio:.2}x | <= 1.5x |"
+        "| through the fault service (userfaultfd → get_folio → wake) | {} | {} | <= 1.5x |",
+        spread(column(|round| round.0), ""),
+        spread(column(|round| round.0 / round.1), "x")
     );
-    println!("| plain first touch of a memfd mapping | {plain:.2} | 1.00x | |");
     println!(
-        "| fallocate(KEEP_SIZE) of the page, no touch | {fallocate:.2} | {:.2}x | |",
-        fallocate / plain
+        "| plain first touch of a memfd mapping | {} | 1.00x | |",
+        spread(column(|round| round.1), "")
+    );
+    println!(
+        "| fallocate(KEEP_SIZE) of the page, no touch | {} | {} | |",
+        spread(column(|round| round.2), ""),
+        spread(column(|round| round.2 / round.1), "x")
     );
 }
