@@ -173,8 +173,8 @@ fn fallocate_matches_the_kernel() {
 fn ftruncate_is_refused_like_the_kernel() {
     // The size is fixed at creation: the kernel's guest_memfd refuses any
     // ftruncate with EINVAL. Our files expose the kernel fd, so on the kvm
-    // backend that is the kernel itself; the memfd backend cannot refuse a
-    // raw ftruncate on its fd (see the crate docs), so only kvm is checked.
+    // backend that is the kernel itself; the memfd backends refuse it with
+    // their seals' EPERM instead (tests/api.rs), a documented difference.
     let Some(vm) = kernel_vm() else { return };
     let kernel_file = kernel_create(&vm, FILE_SIZE as u64, 3).expect("kernel guest_memfd");
     let kernel = rustix::fs::ftruncate(&kernel_file, 2 * FILE_SIZE as u64);
