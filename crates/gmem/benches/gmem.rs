@@ -33,6 +33,23 @@ fn get_folio_present(criterion: &mut Criterion) {
     group.finish();
 }
 
+fn freeze_check(criterion: &mut Criterion) {
+    let file = measure::populated_file();
+    let mut group = criterion.benchmark_group("freeze_check_only");
+    for threads in [1, many_threads()] {
+        group.bench_with_input(
+            BenchmarkId::from_parameter(threads),
+            &threads,
+            |bencher, &threads| {
+                bencher.iter_custom(|iterations| {
+                    measure::freeze_check_only(&file, threads, iterations)
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
 fn allocate_missing(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group("allocate_missing_page");
     group.measurement_time(Duration::from_secs(3));
@@ -72,5 +89,11 @@ fn freeze_latency(criterion: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, get_folio_present, allocate_missing, freeze_latency);
+criterion_group!(
+    benches,
+    get_folio_present,
+    freeze_check,
+    allocate_missing,
+    freeze_latency
+);
 criterion_main!(benches);

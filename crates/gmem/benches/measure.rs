@@ -60,6 +60,21 @@ pub fn get_folio_present(file: &Arc<GuestMemFile>, threads: usize, iterations: u
     })
 }
 
+/// Only the freeze check of the fault path (read section + flag load),
+/// `threads` threads at once; per-thread time.
+pub fn freeze_check_only(file: &Arc<GuestMemFile>, threads: usize, iterations: u64) -> Duration {
+    run_threads(threads, |_| {
+        let file = file.clone();
+        move || {
+            let start = Instant::now();
+            for _ in 0..iterations {
+                black_box(file.freeze_check_for_bench());
+            }
+            start.elapsed()
+        }
+    })
+}
+
 /// Which allocation a missing-page run times.
 #[derive(Clone, Copy, Debug)]
 pub enum Allocation {

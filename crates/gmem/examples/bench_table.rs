@@ -1,7 +1,7 @@
 //! Prints the gmem benchmark table (markdown), every row measured side by
 //! side in one run: `cargo run --release -p gmem --example bench_table`.
-//! Numbers are medians of several rounds; the ratios compare rows measured
-//! in the same round. Do not trust it while other work loads the machine.
+//! Each cell is the median of 11 rounds with the (min–max) over rounds; the
+//! ratios compare rows measured in the same round. Do not trust it while other work loads the machine.
 
 use std::time::Duration;
 
@@ -10,11 +10,18 @@ mod measure;
 
 use measure::Allocation;
 
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
+}
+
+/// "median (min–max)" of per-round values: the spread shows the noise.
+fn spread(samples: Vec<f64>, unit: &str) -> String {
+    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.2}{unit} ({low:.2}–{high:.2})", median(samples))
 }
 
 fn nanoseconds(duration: Duration, iterations: u64) -> f64 {
@@ -28,7 +35,7 @@ fn main() {
     println!("| --- | --- | --- | --- |");
 
     let present = |threads| {
-        median(
+        spread(
             (0..ROUNDS)
                 .map(|_| {
                     nanoseconds(
@@ -37,10 +44,11 @@ fn main() {
                     )
                 })
                 .collect(),
+            " ns",
         )
     };
     println!(
-        "| get_folio, present page | {:.1} ns | {:.1} ns | < 20 ns |",
+        "| get_folio, present page | {} | {} | < 20 ns |",
         present(1),
         present(threads)
     );
@@ -49,85 +57,78 @@ fn main() {
     for count in [1, threads] {
         let iterations = 8_000;
         let mut rounds = Vec::new();
-        for _ in 0..ROUNDS {
-            let with = nanoseconds(
-                measure::allocate_missing(Allocation::GetFolio, count, iterations),
-                iterations,
-            );
-            let without = nanoseconds(
-                measure::allocate_missing(
-                    Allocation::GetFolioWithoutFreezeCheck,
-                    count,
+        for round in 0..ROUNDS {
+            // Alternate the order of the three rows between rounds, so a
+            // drift in machine load does not favour one of them.
+            let measure_kind = |kind| {
+                nanoseconds(
+                    measure::allocate_missing(kind, count, iterations),
                     iterations,
-                ),
-                iterations,
-            );
-            let bare = nanoseconds(
-                measure::allocate_missing(Allocation::BareFallocate, count, iterations),
-                iterations,
-            );
+                )
+            };
+            let (with, without, bare) = if round % 2 == 0 {
+                let with = measure_kind(Allocation::GetFolio);
+                let without = measure_kind(Allocation::GetFolioWithoutFreezeCheck);
+                (with, without, measure_kind(Allocation::BareFallocate))
+            } else {
+                let bare = measure_kind(Allocation::BareFallocate);
+                let without = measure_kind(Allocation::GetFolioWithoutFreezeCheck);
+                (measure_kind(Allocation::GetFolio), without, bare)
+            };
             rounds.push((with, without, bare));
         }
-        let with = median(rounds.iter().map(|round| round.0).collect());
-        let without = median(rounds.iter().map(|round| round.1).collect());
-        let bare = median(rounds.iter().map(|round| round.2).collect());
-        let versus_bare = median(rounds.iter().map(|round| round.0 / round.2).collect());
-        let check_cost = median(
-            rounds
-                .iter()
-                .map(|round| (round.0 / round.1 - 1.0) * 100.0)
-                .collect(),
-        );
-        missing.push((with, without, bare, versus_bare, check_cost));
+        let column =
+            |pick: fn(&(f64, f64, f64)) -> f64| rounds.iter().map(pick).collect::<Vec<f64>>();
+        missing.push([
+            spread(column(|round| round.0 / 1000.0), " µs"),
+            spread(column(|round| round.2 / 1000.0), " µs"),
+            spread(column(|round| round.0 / round.2), "x"),
+            spread(column(|round| round.1 / 1000.0), " µs"),
+            spread(column(|round| (round.0 / round.1 - 1.0) * 100.0), " %"),
+        ]);
     }
-    let row =
-        |name: &str, pick: fn(&(f64, f64, f64, f64, f64)) -> f64, unit: &str, target: &str| {
-            println!(
-                "| {name} | {:.2}{unit} | {:.2}{unit} | {target} |",
-                pick(&missing[0]),
-                pick(&missing[1])
-            );
-        };
-    row(
-        "get_folio, missing page (allocates)",
-        |m| m.0 / 1000.0,
-        " µs",
-        "",
-    );
-    row(
-        "bare fallocate(KEEP_SIZE) of one page, memfd",
-        |m| m.2 / 1000.0,
-        " µs",
-        "",
-    );
-    row(
-        "get_folio missing / bare fallocate",
-        |m| m.3,
-        "x",
-        "<= 1.1x",
-    );
-    row(
-        "fault path built without the freeze check",
-        |m| m.1 / 1000.0,
-        " µs",
-        "",
-    );
-    row(
-        "cost of the freeze check on the fault path",
-        |m| m.4,
-        " %",
-        "< 2 %",
+    let check = |threads| {
+        spread(
+            (0..ROUNDS)
+                .map(|_| {
+                    nanoseconds(
+                        measure::freeze_check_only(&file, threads, 2_000_000),
+                        2_000_000,
+                    )
+                })
+                .collect(),
+            " ns",
+        )
+    };
+    let rows = [
+        ("get_folio, missing page (allocates)", ""),
+        ("bare fallocate(KEEP_SIZE) of one page, memfd", ""),
+        ("get_folio missing / bare fallocate", "<= 1.1x"),
+        ("fault path built without the freeze check", ""),
+        ("cost of the freeze check on the fault path", "< 2 %"),
+    ];
+    for (number, (name, target)) in rows.iter().enumerate() {
+        println!(
+            "| {name} | {} | {} | {target} |",
+            missing[0][number], missing[1][number]
+        );
+    }
+    println!(
+        "| the freeze check alone (read section + flag load) | {} | {} | |",
+        check(1),
+        check(threads)
     );
 
     let freeze = |faulting| {
-        median(
+        spread(
             (0..ROUNDS)
                 .map(|_| nanoseconds(measure::freeze_while_faulting(faulting, 200), 200) / 1000.0)
                 .collect(),
+            " µs",
         )
     };
     println!(
-        "| freeze(true) latency, idle / while {threads} threads fault | {:.1} µs | {:.1} µs | |",
+        "| freeze(true) latency: idle file (column 1), while {threads} threads fault (column 2) | {} | {} | |",
         freeze(0),
         freeze(threads)
     );

@@ -8,8 +8,10 @@
 //!   `GuestMemFile::create_on_vm`. The kernel allocates on vCPU faults by
 //!   itself, so on this backend the freeze binds this crate's paths
 //!   (fallocate, get_folio) but not the kernel's internal faults.
-//! - `memfd`: shmem from memfd_create. With the fault service every first
-//!   touch reaches `get_folio`, so the freeze binds every allocation.
+//! - `memfd`: shmem from memfd_create, its size sealed (F_SEAL_SHRINK,
+//!   F_SEAL_GROW, F_SEAL_SEAL) since guest_memfd's size is fixed too. With
+//!   the fault service every first touch reaches `get_folio`, so the freeze
+//!   binds every allocation.
 //! - `hugetlb`: memfd with MFD_HUGETLB | MFD_HUGE_2MB: 2 MiB folios from the
 //!   huge page pool (`/proc/sys/vm/nr_hugepages`).
 

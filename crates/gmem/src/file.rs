@@ -29,7 +29,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use kvm_ioctls::VmFd;
-use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 use rustix::io::Errno;
 
 use crate::backend::{self, Backend};
@@ -102,12 +102,10 @@ impl GuestMemFile {
                 })?;
                 return GuestMemFile::create_on_vm(vm, size, flags);
             }
-            Backend::Memfd => make_memfd(size, MemfdFlags::CLOEXEC, backend)?,
-            Backend::Hugetlb => make_memfd(
-                size,
-                MemfdFlags::CLOEXEC | MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB,
-                backend,
-            )?,
+            Backend::Memfd => make_memfd(size, MemfdFlags::empty(), backend)?,
+            Backend::Hugetlb => {
+                make_memfd(size, MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB, backend)?
+            }
         };
         GuestMemFile::build(fd, size, flags, backend, false)
     }
@@ -377,6 +375,15 @@ impl GuestMemFile {
             self.allocate_folio::<false>(index, folio)?;
         }
         Ok(self.folio_handle(folio))
+    }
+
+    /// Runs only the freeze check of the fault path (the SRCU read section
+    /// and the FROZEN load), for the benchmark that prices it. Returns
+    /// whether an allocation would be allowed now.
+    #[cfg(feature = "bench-internals")]
+    #[doc(hidden)]
+    pub fn freeze_check_for_bench(&self) -> bool {
+        self.state.freeze_check_only(crate::freeze_domain())
     }
 
     #[inline]
@@ -680,17 +687,26 @@ fn check_create(size: u64, flags: GmemFlags, backend: Backend) -> Result<(), Gme
     })
 }
 
+/// Makes the memfd of a memfd or hugetlb file: its size fixed for good by
+/// seals, as guest_memfd's is (a raw ftruncate on the fd then fails with
+/// EPERM where guest_memfd says EINVAL). F_SEAL_SEAL stops anyone adding
+/// F_SEAL_WRITE later, which would make punch hole and faults fail.
 fn make_memfd(size: u64, memfd_flags: MemfdFlags, backend: Backend) -> Result<OwnedFd, GmemError> {
-    let fd = rustix::fs::memfd_create("gmem", memfd_flags).map_err(|errno| GmemError::System {
-        backend,
-        operation: "memfd_create",
-        errno,
-    })?;
-    rustix::fs::ftruncate(&fd, size).map_err(|errno| GmemError::System {
-        backend,
-        operation: "ftruncate the memfd to the file size",
-        errno,
-    })?;
+    let system = |operation| {
+        move |errno| GmemError::System {
+            backend,
+            operation,
+            errno,
+        }
+    };
+    let fd = rustix::fs::memfd_create(
+        "gmem",
+        memfd_flags | MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )
+    .map_err(system("memfd_create"))?;
+    rustix::fs::ftruncate(&fd, size).map_err(system("ftruncate the memfd to the file size"))?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+        .map_err(system("seal the memfd's size"))?;
     Ok(fd)
 }
 

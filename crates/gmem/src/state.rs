@@ -173,6 +173,15 @@ impl FileState {
         Ok(true)
     }
 
+    /// Only the freeze check of the fault path (read section + FROZEN load),
+    /// so a benchmark can price it on its own, free of the system call's
+    /// noise. Returns whether an allocation would be allowed.
+    #[cfg(feature = "bench-internals")]
+    pub(crate) fn freeze_check_only(&self, domain: &Srcu) -> bool {
+        let _section = domain.read_lock();
+        self.check_frozen::<()>().is_ok()
+    }
+
     /// Sets FROZEN on a state no other thread can see yet (a restored file
     /// that was preserved frozen): with no readers, no grace period is due.
     pub(crate) fn freeze_unpublished(&self) {

@@ -312,3 +312,28 @@ fn restore_refuses_an_fd_of_another_kind() {
     let error = GuestMemFile::restore(memfd, &descriptor, []).expect_err("not hugetlb");
     assert_eq!(error.errno(), libc::EINVAL);
 }
+
+#[test]
+fn the_size_is_fixed_at_creation() {
+    for backend in backends() {
+        let file = create(backend);
+        let grown = rustix::fs::ftruncate(file.as_fd(), 2 * MIB);
+        let shrunk = rustix::fs::ftruncate(file.as_fd(), 4096);
+        // guest_memfd refuses with EINVAL; the memfd's seals with EPERM.
+        let expected = if backend == Backend::Kvm {
+            rustix::io::Errno::INVAL
+        } else {
+            rustix::io::Errno::PERM
+        };
+        assert_eq!((grown, shrunk), (Err(expected), Err(expected)), "{backend}");
+        assert_eq!(
+            rustix::fs::fstat(file.as_fd()).expect("fstat").st_size as u64,
+            MIB
+        );
+        // Allocation and punch hole still work under the seals.
+        file.fallocate(FallocMode::ALLOCATE, 0, 8192)
+            .expect("allocate");
+        file.fallocate(FallocMode::PUNCH, 0, 4096).expect("punch");
+        assert_eq!(file.populated_count(), 1);
+    }
+}

@@ -173,8 +173,8 @@ fn fallocate_matches_the_kernel() {
 fn ftruncate_is_refused_like_the_kernel() {
     // The size is fixed at creation: the kernel's guest_memfd refuses any
     // ftruncate with EINVAL. Our files expose the kernel fd, so on the kvm
-    // backend that is the kernel itself; the memfd backend cannot refuse a
-    // raw ftruncate on its fd (see the crate docs), so only kvm is checked.
+    // backend that is the kernel itself; the memfd backends refuse it with
+    // their seals' EPERM instead (tests/api.rs), a documented difference.
     let Some(vm) = kernel_vm() else { return };
     let kernel_file = kernel_create(&vm, FILE_SIZE as u64, 3).expect("kernel guest_memfd");
     let kernel = rustix::fs::ftruncate(&kernel_file, 2 * FILE_SIZE as u64);
@@ -185,4 +185,53 @@ fn ftruncate_is_refused_like_the_kernel() {
         rustix::fs::ftruncate(ours.as_fd(), 2 * FILE_SIZE as u64),
         Err(rustix::io::Errno::INVAL)
     );
+}
+
+/// Offsets and lengths near the boundaries that matter: page alignment, the
+/// file size, the largest file size and the sign bit.
+fn interesting_value() -> impl proptest::strategy::Strategy<Value = i64> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (-2i64..=2).prop_map(|pages| pages * 4096),
+        (0i64..=512).prop_map(|pages| pages * 4096),
+        (-8192i64..=8192),
+        (0i64..=4).prop_map(|files| files * FILE_SIZE),
+        (0i64..=4096).prop_map(|delta| i64::MAX - delta),
+        (0i64..=4096).prop_map(|delta| i64::MIN + delta),
+        any::<i64>(),
+    ]
+}
+
+#[test]
+fn random_fallocate_calls_match_the_kernel() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let Some(vm) = kernel_vm() else { return };
+    let kernel_file = kernel_create(&vm, FILE_SIZE as u64, 3).expect("kernel guest_memfd");
+    let ours = GuestMemFile::create(FILE_SIZE as u64, GmemFlags::HOST_ACCESSIBLE, Backend::Memfd)
+        .expect("create");
+    let mode = prop_oneof![0i32..=0xff, any::<i32>(), Just(1), Just(3)];
+    let mut runner = TestRunner::new(Config {
+        cases: 4000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &(mode, interesting_value(), interesting_value()),
+            |(mode, offset, len)| {
+                let kernel = kernel_fallocate(&kernel_file, mode, offset, len);
+                let mine = errno_of(ours.fallocate(FallocMode(mode), offset, len));
+                prop_assert_eq!(
+                    kernel,
+                    mine,
+                    "fallocate(mode {:#x}, offset {}, len {})",
+                    mode,
+                    offset,
+                    len
+                );
+                Ok(())
+            },
+        )
+        .expect("our errno differs from the kernel's");
 }

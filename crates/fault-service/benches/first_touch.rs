@@ -1,0 +1,30 @@
+//! Criterion benchmark: one first touch through the fault service, a plain
+//! first touch of a memfd mapping, and fallocate of one page. The table:
+//! `cargo run --release -p fault-service --example fault_table`.
+
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+
+#[path = "measure.rs"]
+mod measure;
+
+use measure::FirstTouch;
+
+fn first_touch(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("first_touch");
+    group.measurement_time(Duration::from_secs(3));
+    for kind in [
+        FirstTouch::ThroughService,
+        FirstTouch::Plain,
+        FirstTouch::Fallocate,
+    ] {
+        group.bench_function(format!("{kind:?}"), |bencher| {
+            bencher.iter_custom(|iterations| measure::first_touch(kind, iterations));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, first_touch);
+criterion_main!(benches);

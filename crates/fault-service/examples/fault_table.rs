@@ -1,0 +1,53 @@
+//! Prints the fault-service cost table (markdown), the three rows measured
+//! side by side in each of 11 rounds (median and min–max over rounds):
+//! `cargo run --release -p fault-service --example fault_table`.
+
+#[path = "../benches/measure.rs"]
+mod measure;
+
+use measure::FirstTouch;
+
+const ROUNDS: usize = 11;
+const TOUCHES: u64 = 16_384;
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// "median (min–max)" of per-round values: the spread shows the noise.
+fn spread(samples: Vec<f64>, unit: &str) -> String {
+    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.2}{unit} ({low:.2}–{high:.2})", median(samples))
+}
+
+fn main() {
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let per_touch =
+            |kind| measure::first_touch(kind, TOUCHES).as_nanos() as f64 / TOUCHES as f64 / 1000.0;
+        rounds.push((
+            per_touch(FirstTouch::ThroughService),
+            per_touch(FirstTouch::Plain),
+            per_touch(FirstTouch::Fallocate),
+        ));
+    }
+    let column = |pick: fn(&(f64, f64, f64)) -> f64| rounds.iter().map(pick).collect::<Vec<f64>>();
+    println!("| first touch of a 4 KiB page | µs per page | vs plain first touch | target |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| through the fault service (userfaultfd → get_folio → wake) | {} | {} | <= 1.5x |",
+        spread(column(|round| round.0), ""),
+        spread(column(|round| round.0 / round.1), "x")
+    );
+    println!(
+        "| plain first touch of a memfd mapping | {} | 1.00x | |",
+        spread(column(|round| round.1), "")
+    );
+    println!(
+        "| fallocate(KEEP_SIZE) of the page, no touch | {} | {} | |",
+        spread(column(|round| round.2), ""),
+        spread(column(|round| round.2 / round.1), "x")
+    );
+}

@@ -1,0 +1,195 @@
+//! A thin, safe wrapper over one userfaultfd.
+//!
+//! Built on `rustix::mm::userfaultfd` and the uapi structs and ioctl numbers
+//! of `linux-raw-sys` (features general, ioctl), not on the `userfaultfd`
+//! crate: its -sys build script runs bindgen, which needs libclang, and fresh
+//! machines lack it.
+//!
+//! What it supports: MISSING-mode registration of shared file mappings
+//! (shmem, hugetlbfs), reading page-fault messages, UFFDIO_WAKE. No
+//! non-cooperative events are requested (fork, remap, remove, unmap): after a
+//! fork the child's copy of a registered range is not registered (the kernel
+//! drops the context without UFFD_FEATURE_EVENT_FORK), and an mremap()ed or
+//! munmap()ed range leaves the service's control likewise; faults there are
+//! served by the kernel directly.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use linux_raw_sys::general::{
+    _UFFDIO_WAKE, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
+    UFFD_PAGEFAULT_FLAG_WRITE, UFFDIO_REGISTER_MODE_MISSING, uffd_msg, uffdio_api, uffdio_range,
+    uffdio_register,
+};
+use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE};
+use rustix::io::Errno;
+use rustix::ioctl::{Opcode, Setter, Updater};
+
+/// Messages read per `read_faults` call (2 KiB of `uffd_msg`).
+pub const READ_BATCH: usize = 64;
+
+/// One page fault read from the userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFault {
+    /// The faulting address (page-aligned by the kernel unless
+    /// UFFD_FEATURE_EXACT_ADDRESS, which is not requested).
+    pub address: u64,
+    /// Whether the access was a write.
+    pub write: bool,
+    /// The faulting thread's id, when the kernel reports it.
+    pub thread: Option<u32>,
+}
+
+/// A userfaultfd in non-blocking mode.
+#[derive(Debug)]
+pub struct Userfaultfd {
+    fd: OwnedFd,
+    reports_thread: bool,
+}
+
+impl Userfaultfd {
+    /// Opens a userfaultfd (O_CLOEXEC | O_NONBLOCK) and negotiates the API,
+    /// asking for the faulting thread's id where offered.
+    ///
+    /// Errors: EPERM when unprivileged userfaultfd is off and the caller
+    /// lacks CAP_SYS_PTRACE; ENOSYS without the syscall; EINVAL from
+    /// UFFDIO_API.
+    pub fn open() -> Result<Userfaultfd, Errno> {
+        use rustix::mm::UserfaultfdFlags;
+        // SAFETY: userfaultfd(2) only creates a new fd; the unsafety in rustix
+        // is that the fd can later block page faults, which is our purpose.
+        let fd = unsafe {
+            rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK)
+        }?;
+        let mut api = uffdio_api {
+            api: UFFD_API.into(),
+            features: UFFD_FEATURE_THREAD_ID.into(),
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which `api`
+        // is, on a userfaultfd.
+        let negotiated = unsafe {
+            rustix::ioctl::ioctl(&fd, Updater::<{ UFFDIO_API as Opcode }, _>::new(&mut api))
+        };
+        let reports_thread = match negotiated {
+            Ok(_) => api.features & u64::from(UFFD_FEATURE_THREAD_ID) != 0,
+            Err(Errno::INVAL) => {
+                // The feature is unknown to this kernel: a fresh fd, no
+                // features (UFFDIO_API may be issued once per fd).
+                // SAFETY: as above.
+                let fd = unsafe {
+                    rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK)
+                }?;
+                let mut api = uffdio_api {
+                    api: UFFD_API.into(),
+                    features: 0,
+                    ioctls: 0,
+                };
+                // SAFETY: as above.
+                unsafe {
+                    rustix::ioctl::ioctl(&fd, Updater::<{ UFFDIO_API as Opcode }, _>::new(&mut api))
+                }?;
+                return Ok(Userfaultfd {
+                    fd,
+                    reports_thread: false,
+                });
+            }
+            Err(errno) => return Err(errno),
+        };
+        Ok(Userfaultfd { fd, reports_thread })
+    }
+
+    /// Registers `[start, start + len)` in MISSING mode and checks that
+    /// UFFDIO_WAKE is available on it.
+    ///
+    /// Errors: EINVAL when the range is not page-aligned or its memory cannot
+    /// take userfaultfd (e.g. a KVM guest_memfd mapping); EBUSY when another
+    /// userfaultfd holds it; ENOMEM when the range is not mapped.
+    pub fn register(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let mut register = uffdio_register {
+            range: uffdio_range { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING.into(),
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`.
+        unsafe {
+            rustix::ioctl::ioctl(
+                &self.fd,
+                Updater::<{ UFFDIO_REGISTER as Opcode }, _>::new(&mut register),
+            )
+        }?;
+        if register.ioctls & (1 << _UFFDIO_WAKE) == 0 {
+            let _ = self.unregister(start, len);
+            return Err(Errno::NOTSUP);
+        }
+        Ok(())
+    }
+
+    /// Unregisters a range; the kernel wakes every fault waiting in it, which
+    /// then retries without the userfaultfd.
+    ///
+    /// Errors: EINVAL for a misaligned range.
+    pub fn unregister(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let range = uffdio_range { start, len };
+        // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range`.
+        unsafe {
+            rustix::ioctl::ioctl(
+                &self.fd,
+                Setter::<{ UFFDIO_UNREGISTER as Opcode }, _>::new(range),
+            )
+        }
+    }
+
+    /// Wakes the threads waiting on faults in `[start, start + len)`; they
+    /// retry their access (and find the page the handler allocated).
+    ///
+    /// Errors: EINVAL for a misaligned or unregistered range.
+    pub fn wake(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let range = uffdio_range { start, len };
+        // SAFETY: UFFDIO_WAKE reads one `uffdio_range`.
+        unsafe {
+            rustix::ioctl::ioctl(&self.fd, Setter::<{ UFFDIO_WAKE as Opcode }, _>::new(range))
+        }
+    }
+
+    /// Reads the pending page faults into `faults` (cleared first), up to
+    /// [`READ_BATCH`] per call. An empty result means none were pending (EAGAIN, e.g.
+    /// another reader or a raced wake took them).
+    ///
+    /// Errors: the kernel's read errors other than EAGAIN and EINTR.
+    pub fn read_faults(&self, faults: &mut Vec<PageFault>) -> Result<(), Errno> {
+        faults.clear();
+        let mut buffer = [0u8; READ_BATCH * std::mem::size_of::<uffd_msg>()];
+        let bytes = match rustix::io::read(&self.fd, &mut buffer) {
+            Ok(bytes) => bytes,
+            Err(Errno::AGAIN | Errno::INTR) => return Ok(()),
+            Err(errno) => return Err(errno),
+        };
+        for chunk in buffer[..bytes].chunks_exact(std::mem::size_of::<uffd_msg>()) {
+            // SAFETY: `chunk` holds exactly one `uffd_msg` written by the
+            // kernel; `uffd_msg` is plain old data, read unaligned.
+            let message: uffd_msg = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
+            if u32::from(message.event) != UFFD_EVENT_PAGEFAULT {
+                // No other event was requested; ignore anything else.
+                continue;
+            }
+            // SAFETY: for UFFD_EVENT_PAGEFAULT the `pagefault` member of the
+            // union is the one the kernel filled.
+            let pagefault = unsafe { message.arg.pagefault };
+            // SAFETY: `ptid` is the only member of its union; the kernel sets
+            // it when UFFD_FEATURE_THREAD_ID was negotiated, else leaves 0.
+            let thread = unsafe { pagefault.feat.ptid };
+            faults.push(PageFault {
+                address: pagefault.address,
+                write: pagefault.flags & u64::from(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
+                thread: self.reports_thread.then_some(thread),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for Userfaultfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
