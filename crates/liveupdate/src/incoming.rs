@@ -121,22 +121,7 @@ impl Incoming {
         if record.kind != RecordKind::Full {
             return Err(RecordError::WrongKind { expected: "full" }.into());
         }
-        if fds.len() != record.file_count() {
-            return Err(LuError::FdCountMismatch {
-                expected: record.file_count(),
-                received: fds.len(),
-            });
-        }
-        for (index, ((_, file), fd)) in record.files().zip(&fds).enumerate() {
-            let actual = FileIdentity::of(fd).map_err(|errno| LuError::io("fstat", errno))?;
-            if actual != file.identity {
-                return Err(LuError::FdMismatch {
-                    index,
-                    expected: file.identity,
-                    actual,
-                });
-            }
-        }
+        check_fds(&record, &fds)?;
         let mut fds = fds.into_iter();
         let mut slots = Vec::with_capacity(record.sessions.len());
         for session in record.sessions {
@@ -193,6 +178,32 @@ impl Incoming {
             Slot::Retrieved(name) => Err(LuError::SessionAlreadyRetrieved { name }),
         }
     }
+}
+
+/// Checks that `fds` are the record's files: one per file, each the file
+/// (device, inode) the record names.
+///
+/// # Errors
+/// - `EINVAL` ([`LuError::FdCountMismatch`], [`LuError::FdMismatch`]);
+/// - `Io`: `fstat` failed.
+pub fn check_fds(record: &Record, fds: &[OwnedFd]) -> Result<(), LuError> {
+    if fds.len() != record.file_count() {
+        return Err(LuError::FdCountMismatch {
+            expected: record.file_count(),
+            received: fds.len(),
+        });
+    }
+    for (index, ((_, file), fd)) in record.files().zip(fds).enumerate() {
+        let actual = FileIdentity::of(fd).map_err(|errno| LuError::io("fstat", errno))?;
+        if actual != file.identity {
+            return Err(LuError::FdMismatch {
+                index,
+                expected: file.identity,
+                actual,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn find_handler(

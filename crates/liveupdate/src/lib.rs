@@ -65,10 +65,12 @@ pub mod fdio;
 pub mod handler;
 pub mod handlers;
 pub mod incoming;
+pub mod luod;
 pub mod names;
 pub mod outgoing;
 pub mod preserved;
 pub mod record;
+pub mod transport;
 
 pub use error::LuError;
 pub use handler::{FileHandler, HandlerError, HandlerRegistry, RetrievedFile, RetrievedObject};

@@ -410,6 +410,12 @@ impl MemfdFile {
     }
 }
 
+impl AsFd for MemfdFile {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl RetrievedObject for MemfdFile {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

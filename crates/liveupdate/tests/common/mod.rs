@@ -1,0 +1,262 @@
+//! Shared helpers of the process-level tests: spawning the peer binary and
+//! luod, reading their lines with timeouts, scratch directories and huge
+//! page reservations.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+pub const PEER: &str = env!("CARGO_BIN_EXE_liveupdate-peer");
+pub const LUOD: &str = env!("CARGO_BIN_EXE_luod");
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A scratch directory under /tmp, world-searchable (a test client may run
+/// as another uid), removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("lu-{name}-{}-{unique}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch(path)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process whose stdout and stderr lines arrive through channels.
+pub struct Process {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    errors: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+fn forward(reader: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (sender, receiver) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+impl Process {
+    pub fn spawn(mut command: Command) -> Process {
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let stdin = child.stdin.take();
+        let lines = forward(child.stdout.take().unwrap());
+        let errors = forward(child.stderr.take().unwrap());
+        Process {
+            child,
+            stdin,
+            lines,
+            errors,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn peer(arguments: &[&str]) -> Process {
+        let mut command = Command::new(PEER);
+        command.args(arguments);
+        Process::spawn(command)
+    }
+
+    /// Waits for a stdout line starting with `prefix`; panics with
+    /// everything seen (and stderr) on timeout or exit.
+    pub fn expect(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no line {prefix:?} within {TIMEOUT:?}; saw {:?}; stderr: {}",
+                        self.seen,
+                        self.stderr()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "exited before {prefix:?}; saw {:?}; stderr: {}",
+                        self.seen,
+                        self.stderr()
+                    )
+                }
+            }
+        }
+    }
+
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        let mut text = String::new();
+        while let Ok(line) = self.errors.recv_timeout(Duration::from_millis(50)) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit; stderr: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn wait_success(&mut self) {
+        let status = self.wait();
+        let rest: Vec<String> = self.lines.try_iter().collect();
+        self.seen.extend(rest);
+        assert!(
+            status.success(),
+            "exit {status}; stdout {:?}; stderr: {}",
+            self.seen,
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Makes sure `count` free 2 MiB huge pages exist, raising
+/// `vm.nr_hugepages` if needed; `false` (after printing why) if impossible.
+pub fn reserve_huge_pages(count: u64) -> bool {
+    let free = || -> Option<u64> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        meminfo
+            .lines()
+            .find(|line| line.starts_with("HugePages_Free:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let Some(now) = free() else {
+        eprintln!("SKIPPED: hugetlb: /proc/meminfo has no HugePages_Free");
+        return false;
+    };
+    if now >= count {
+        return true;
+    }
+    let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0);
+    let wanted = total + (count - now);
+    if std::fs::write("/proc/sys/vm/nr_hugepages", wanted.to_string()).is_err() {
+        eprintln!("SKIPPED: hugetlb: cannot write /proc/sys/vm/nr_hugepages (not root?)");
+        return false;
+    }
+    if free().unwrap_or(0) < count {
+        eprintln!("SKIPPED: hugetlb: the kernel could not reserve {count} huge pages");
+        return false;
+    }
+    true
+}
+
+/// Whether the guest may include its hugetlb part: 64 huge pages (128 MiB)
+/// are reserved once per test binary, enough for the tests of one binary
+/// running at once (16 each).
+pub fn huge_available() -> bool {
+    static RESERVED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RESERVED.get_or_init(|| reserve_huge_pages(64))
+}
+
+/// The peer's guest arguments: seed, and `--huge` when available.
+pub fn guest_arguments(seed: u64) -> Vec<String> {
+    let mut arguments = vec!["--seed".to_owned(), seed.to_string()];
+    if huge_available() {
+        arguments.push("--huge".to_owned());
+    } else {
+        eprintln!("SKIPPED: the hugetlb (2 MiB folio) half of the guest: no huge pages");
+    }
+    arguments
+}
+
+/// A running luod on a scratch socket.
+pub struct Luod {
+    pub process: Process,
+    pub socket: PathBuf,
+    pub scratch: Scratch,
+}
+
+impl Luod {
+    pub fn start(name: &str) -> Luod {
+        let scratch = Scratch::new(name);
+        let socket = scratch.join("luod.sock");
+        let mut command = Command::new(LUOD);
+        command.arg("--socket").arg(&socket).env("RUST_LOG", "info");
+        let process = Process::spawn(command);
+        let deadline = Instant::now() + TIMEOUT;
+        while liveupdate::luod::LuodClient::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "luod did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Luod {
+            process,
+            socket,
+            scratch,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn client(&self) -> liveupdate::luod::LuodClient {
+        liveupdate::luod::LuodClient::connect(&self.socket).unwrap()
+    }
+}

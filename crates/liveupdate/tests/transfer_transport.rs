@@ -1,0 +1,63 @@
+//! The transfer transport between two real processes: a successor started
+//! ahead connects to the old VMM's socket, receives everything while the old
+//! process still writes its memory, and takes over at the switch; and a
+//! successor that dies before the switch leaves the old process running.
+
+mod common;
+
+use common::{Process, Scratch, guest_arguments};
+
+fn arguments<'a>(role: &'a str, socket: &'a str, guest: &'a [String]) -> Vec<&'a str> {
+    let mut all = vec![role, "--socket", socket];
+    all.extend(guest.iter().map(String::as_str));
+    all
+}
+
+#[test]
+fn transfer_round_trip_with_a_pre_started_successor() {
+    let scratch = Scratch::new("transfer");
+    let socket = scratch.join("vmm.sock");
+    let socket = socket.to_str().unwrap();
+    let guest = guest_arguments(42);
+    // The successor starts first and waits for the old VMM's socket.
+    let mut successor = Process::peer(&arguments("transfer-new", socket, &guest));
+    let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
+    old.expect("OFFERED");
+    successor.expect("READY");
+    // The old process rewrote memory and state after the offer; the switch
+    // carries only the changed state record and the payload.
+    old.send_line("switch");
+    old.expect("SWITCHED");
+    let verified = successor.expect("VERIFIED transfer");
+    old.wait_success();
+    successor.wait_success();
+    assert!(verified.contains("small=7022pages"), "{verified}");
+    assert!(verified.contains("state@12379"), "{verified}");
+    if common::huge_available() {
+        assert!(verified.contains("huge=11x2MiB"), "{verified}");
+    }
+}
+
+#[test]
+fn a_successor_dying_before_the_switch_leaves_the_old_process_running() {
+    let scratch = Scratch::new("transfer-death");
+    let socket = scratch.join("vmm.sock");
+    let socket = socket.to_str().unwrap();
+    let guest = guest_arguments(43);
+    let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
+    old.expect("LISTENING");
+    let mut all = arguments("transfer-new", socket, &guest);
+    all.push("--die-before-switch");
+    let mut successor = Process::peer(&all);
+    successor.expect("READY");
+    assert_eq!(successor.wait().code(), Some(17));
+    old.send_line("switch");
+    let failed = old.expect("SWITCH-FAILED");
+    assert!(
+        failed.contains(&format!("errno={}", libc::EPIPE)),
+        "{failed}"
+    );
+    // It kept its guest: memory intact, writable, allocatable again.
+    old.expect("CARRIED-ON");
+    old.wait_success();
+}
