@@ -1,0 +1,30 @@
+//! `gmemctl`: the gmem-lu command-line tool. One module per subcommand, so
+//! each can grow without touching the others.
+
+mod inspect;
+mod sessions;
+
+use clap::{Parser, Subcommand};
+
+/// Guest memory that survives a live update of the VMM.
+#[derive(Debug, Parser)]
+#[command(name = "gmemctl", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List, show or drop the sessions luod holds.
+    Sessions(sessions::Arguments),
+    /// Decode a handover record for a human.
+    Inspect(inspect::Arguments),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Sessions(arguments) => sessions::run(arguments),
+        Command::Inspect(arguments) => inspect::run(arguments),
+    }
+}
