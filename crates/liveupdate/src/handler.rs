@@ -212,10 +212,14 @@ impl HandlerRegistry {
         HandlerRegistry::default()
     }
 
-    /// A registry with the handlers this crate ships: memfd.
+    /// A registry with the handlers this crate ships: guest memory files
+    /// first (a memfd-backed guest memory file is also a memfd, and must be
+    /// preserved as guest memory), then memfds.
     pub fn with_builtin_handlers() -> HandlerRegistry {
         let mut registry = HandlerRegistry::new();
-        // The registry is empty, so this registration cannot clash.
+        // Two different compatible strings into an empty registry: these
+        // registrations cannot clash.
+        let _ = registry.register(Arc::new(crate::handlers::gmem::GmemHandler::new()));
         let _ = registry.register(Arc::new(crate::handlers::memfd::MemfdHandler::new()));
         registry
     }

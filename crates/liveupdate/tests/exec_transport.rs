@@ -22,6 +22,7 @@ fn exec_round_trip_verifies_every_byte() {
     peer.wait_success();
     assert!(verified.contains("small=7022pages"), "{verified}");
     assert!(verified.contains("state@12345"), "{verified}");
+    assert!(verified.contains("unfrozen-at-finish"), "{verified}");
     if common::huge_available() {
         assert!(verified.contains("huge=11x2MiB"), "{verified}");
     }

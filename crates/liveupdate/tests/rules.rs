@@ -879,3 +879,200 @@ fn stress_concurrent_preserves_of_one_file_admit_exactly_one() {
     }
     assert!(rounds > 0);
 }
+
+// ---- gmem handler ----
+
+use gmem::{Backend, FallocMode, GmemFlags, GuestMemFile, MemPolicy, NodeMask, PageIndex};
+use liveupdate::handlers::gmem_data::GmemData;
+
+fn guest_file(size: u64, backend: Backend) -> Arc<GuestMemFile> {
+    GuestMemFile::create(size, GmemFlags::HOST_ACCESSIBLE, backend).unwrap()
+}
+
+#[test]
+fn gmem_preserve_freezes_first_and_close_unfreezes() {
+    let fixture = fixture();
+    let file = guest_file(8 << 20, Backend::Memfd);
+    file.fallocate(FallocMode::ALLOCATE, 0, 16 * 4096).unwrap();
+    let session = fixture.live_update.create_session("vm").unwrap();
+    session.preserve(Token(0), file.as_fd()).unwrap();
+    assert!(file.is_frozen(), "preserve froze the file");
+    assert_eq!(
+        file.fallocate(FallocMode::ALLOCATE, 1 << 20, 4096)
+            .unwrap_err()
+            .errno(),
+        libc::EPERM
+    );
+    assert_eq!(
+        file.fallocate(FallocMode::PUNCH, 0, 4096)
+            .unwrap_err()
+            .errno(),
+        libc::EPERM
+    );
+    assert_eq!(
+        file.get_folio(PageIndex(100)).unwrap_err().errno(),
+        libc::EPERM
+    );
+    assert!(
+        file.get_folio(PageIndex(3)).is_ok(),
+        "present folios are still served"
+    );
+    // The guest keeps writing the memory it has.
+    file.mapping()
+        .unwrap()
+        .write(4096, b"still running")
+        .unwrap();
+    session.close();
+    assert!(!file.is_frozen(), "unpreserve unfroze the file");
+    file.fallocate(FallocMode::ALLOCATE, 1 << 20, 4096).unwrap();
+}
+
+#[test]
+fn gmem_a_file_frozen_before_preserve_stays_frozen_after_close() {
+    let fixture = fixture();
+    let file = guest_file(1 << 20, Backend::Memfd);
+    file.freeze(true);
+    let session = fixture.live_update.create_session("vm").unwrap();
+    session.preserve(Token(0), file.as_fd()).unwrap();
+    session.close();
+    assert!(file.is_frozen());
+    file.freeze(false);
+}
+
+#[test]
+fn gmem_files_go_to_the_gmem_handler_not_the_memfd_one() {
+    let fixture = fixture();
+    let file = guest_file(1 << 20, Backend::Memfd);
+    let session = fixture.live_update.create_session("vm").unwrap();
+    session.preserve(Token(0), file.as_fd()).unwrap();
+    let handover = fixture.live_update.freeze().unwrap();
+    assert_eq!(
+        handover.record().sessions[0].files[0].compatible.name(),
+        "gmem"
+    );
+    handover.abort();
+}
+
+#[test]
+fn gmem_freeze_walks_the_page_index_into_the_record() {
+    let fixture = fixture();
+    let small = guest_file(16 << 20, Backend::Memfd);
+    small.fallocate(FallocMode::ALLOCATE, 0, 16 * 4096).unwrap();
+    small
+        .fallocate(FallocMode::ALLOCATE, 100 * 4096, 4096)
+        .unwrap();
+    small
+        .mapping()
+        .unwrap()
+        .write(4000 * 4096, b"first touch")
+        .unwrap();
+    small
+        .set_policy(PageIndex(0)..PageIndex(512), MemPolicy::Bind(NodeMask(1)))
+        .unwrap();
+    let session = fixture.live_update.create_session("vm").unwrap();
+    session.preserve(Token(0), small.as_fd()).unwrap();
+    let huge = if huge_pages(8) {
+        let huge = guest_file(8 << 20, Backend::Hugetlb);
+        huge.fallocate(FallocMode::ALLOCATE, 2 << 20, 4 << 20)
+            .unwrap();
+        session.preserve(Token(1), huge.as_fd()).unwrap();
+        Some(huge)
+    } else {
+        None
+    };
+    let handover = fixture.live_update.freeze().unwrap();
+    let files = &handover.record().sessions[0].files;
+    let data = GmemData::decode(&files[0].data).unwrap();
+    assert_eq!(data.size, 16 << 20);
+    assert_eq!(data.flags, GmemFlags::HOST_ACCESSIBLE.0);
+    let recorded: Vec<(u64, u8)> = data.folios().collect();
+    let actual: Vec<(u64, u8)> = small
+        .populated()
+        .map(|(index, order)| (index.0, order.0))
+        .collect();
+    assert_eq!(recorded, actual);
+    assert_eq!(recorded.len(), 18);
+    assert_eq!(data.runs.len(), 3, "{:?}", data.runs);
+    assert_eq!(data.policies.len(), 1);
+    assert_eq!((data.policies[0].mode, data.policies[0].nodemask), (2, 1));
+    if let Some(huge) = &huge {
+        let data = GmemData::decode(&files[1].data).unwrap();
+        let recorded: Vec<(u64, u8)> = data.folios().collect();
+        assert_eq!(recorded, vec![(512, 9), (1024, 9)]);
+        assert_eq!(huge.populated_count(), 2);
+    }
+    handover.abort();
+}
+
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| {
+            meminfo
+                .lines()
+                .find(|line| line.starts_with("HugePages_Free:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Makes sure `count` 2 MiB pages are free, raising the pool if needed.
+fn huge_pages(count: u64) -> bool {
+    if free_huge_pages() >= count {
+        return true;
+    }
+    let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + count).to_string());
+    if free_huge_pages() < count {
+        eprintln!("SKIPPED: the hugetlb part: cannot reserve {count} huge pages");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn gmem_freeze_refuses_a_file_unfrozen_behind_its_back() {
+    let fixture = fixture();
+    let file = guest_file(1 << 20, Backend::Memfd);
+    let state = memfd("state", b"");
+    let session = fixture.live_update.create_session("vm").unwrap();
+    session.preserve(Token(0), &state).unwrap();
+    session.preserve(Token(1), file.as_fd()).unwrap();
+    file.freeze(false);
+    assert_eq!(errno(fixture.live_update.freeze()), libc::EBUSY);
+    // Everything stays preserved; refreezing makes the handover possible.
+    file.freeze(true);
+    fixture.live_update.freeze().unwrap().abort();
+    assert!(file.is_frozen());
+}
+
+#[test]
+fn gmem_in_process_handover_retrieves_the_same_object_and_finish_unfreezes() {
+    let fixture = fixture();
+    let file = guest_file(4 << 20, Backend::Memfd);
+    file.mapping().unwrap().write(0, b"guest bytes").unwrap();
+    let session = fixture.live_update.create_session("vm").unwrap();
+    session.preserve(Token(7), file.as_fd()).unwrap();
+    let mut incoming = fixture.hand_over();
+    drop(session);
+    let mut retrieved = incoming.retrieve_session("vm").unwrap();
+    let object = retrieved
+        .retrieve(Token(7))
+        .unwrap()
+        .downcast::<GuestMemFile>()
+        .unwrap();
+    assert!(Arc::ptr_eq(&object, &file));
+    assert!(object.is_frozen(), "frozen until finish");
+    retrieved.finish().unwrap();
+    assert!(!file.is_frozen(), "finish unfroze it");
+    file.fallocate(FallocMode::ALLOCATE, 4096, 4096).unwrap();
+    let mut back = [0u8; 11];
+    file.mapping().unwrap().read(0, &mut back).unwrap();
+    assert_eq!(&back, b"guest bytes");
+}

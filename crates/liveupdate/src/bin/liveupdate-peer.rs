@@ -3,27 +3,31 @@
 //! transport across real process boundaries (real exec, real sockets, real
 //! process death).
 //!
-//! The guest memory it preserves is 64 MiB: a 32 MiB shmem memfd of 4 KiB
-//! pages (token 0) and, when the caller reserved huge pages, a 32 MiB hugetlb
-//! memfd of 2 MiB pages (token 1); both partly populated with a pattern
-//! derived from a seed, so a successor can check every byte and every
-//! populated page. A third memfd (token 2) stands for the VMM's own state,
+//! The guest memory it preserves is 64 MiB of guest memory files
+//! (`gmem::GuestMemFile`): 32 MiB on the memfd backend, 4 KiB folios, with a
+//! NUMA policy (token 0) and, when the caller reserved huge pages, 32 MiB on
+//! the hugetlb backend, 2 MiB folios (token 1); both partly populated with a
+//! pattern derived from a seed, so a successor can check every byte and
+//! every populated folio. A third memfd (token 2) stands for the VMM's own state,
 //! with a file position and seals. Results go to stdout as lines the tests
 //! match: `VERIFIED ...`, `ERRNO <n> ...`, `CARRIED-ON`...
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, Subcommand};
-use liveupdate::handlers::memfd::{self, MemfdFile};
+use gmem::{
+    Backend, FallocMode, FolioOrder, GmemFlags, GuestMemFile, MemPolicy, NodeMask, PageIndex,
+};
+use liveupdate::handlers::memfd::MemfdFile;
 use liveupdate::luod::LuodClient;
 use liveupdate::transport::{exec, transfer};
 use liveupdate::{HandlerRegistry, Incoming, IncomingSession, LiveUpdate, LuError, Session, Token};
-use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags, SeekFrom};
-use rustix::mm::{MapFlags, ProtFlags};
+use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
 
 const PAGE: u64 = 4096;
 const HUGE_PAGE: u64 = 2 << 20;
@@ -40,6 +44,11 @@ const LATE_STATE: &[u8] = b"vcpu state written after the offer";
 /// The pages the transfer test's old process rewrites after the offer (the
 /// guest keeps running and writing memory it already has).
 const REWRITTEN_PAGES: [u64; 3] = [0, 1, 4097];
+/// A hole (10 % 7 == 3) that the transfer test's old process fills between
+/// offer and switch.
+const LATE_PAGE: u64 = 10;
+/// A hole that stays a hole: faulted in after finish or after an abort.
+const HOLE_PAGE: u64 = 17;
 
 /// Plays one side of a live-update test.
 #[derive(Debug, Parser)]
@@ -198,27 +207,32 @@ fn small_generation(page: u64, rewritten: bool) -> u64 {
 }
 
 struct GuestFiles {
-    small: OwnedFd,
-    huge: Option<OwnedFd>,
+    small: Arc<GuestMemFile>,
+    huge: Option<Arc<GuestMemFile>>,
     state: OwnedFd,
 }
 
+/// The NUMA policy the small guest file carries over its first 2 MiB.
+fn small_policy() -> (std::ops::Range<PageIndex>, MemPolicy) {
+    (PageIndex(0)..PageIndex(512), MemPolicy::Bind(NodeMask(1)))
+}
+
 fn create_guest(guest: &Guest) -> anyhow::Result<GuestFiles> {
-    let small = rustix::fs::memfd_create("guest-small", MemfdFlags::CLOEXEC)?;
-    rustix::fs::ftruncate(&small, SMALL_SIZE)?;
+    let small = GuestMemFile::create(SMALL_SIZE, GmemFlags::HOST_ACCESSIBLE, Backend::Memfd)?;
+    let (range, policy) = small_policy();
+    small.set_policy(range, policy)?;
+    let mapping = small.mapping()?;
     for page in (0..SMALL_SIZE / PAGE).filter(|page| small_populated(*page)) {
-        rustix::io::pwrite(&small, &pattern_page(guest.seed, 0, page, 0), page * PAGE)?;
+        mapping.write(page * PAGE, &pattern_page(guest.seed, 0, page, 0))?;
     }
     let huge = if guest.huge {
-        let huge =
-            rustix::fs::memfd_create("guest-huge", MemfdFlags::CLOEXEC | MemfdFlags::HUGETLB)
-                .context("hugetlb memfd")?;
-        rustix::fs::ftruncate(&huge, HUGE_SIZE)?;
-        let mapping = Mapping::new(huge.as_fd(), HUGE_SIZE, true)?;
+        let huge = GuestMemFile::create(HUGE_SIZE, GmemFlags::HOST_ACCESSIBLE, Backend::Hugetlb)
+            .context("hugetlb guest memory")?;
+        let mapping = huge.mapping()?;
         for huge_page in (0..HUGE_SIZE / HUGE_PAGE).filter(|page| huge_populated(*page)) {
             for page in 0..HUGE_PAGE / PAGE {
                 let offset = huge_page * HUGE_PAGE + page * PAGE;
-                mapping.write(offset, &pattern_page(guest.seed, 1, offset / PAGE, 0));
+                mapping.write(offset, &pattern_page(guest.seed, 1, offset / PAGE, 0))?;
             }
         }
         Some(huge)
@@ -239,75 +253,16 @@ fn create_guest(guest: &Guest) -> anyhow::Result<GuestFiles> {
 fn preserve_guest(guest: &Guest, files: &GuestFiles) -> anyhow::Result<(LiveUpdate, Session)> {
     let live_update = LiveUpdate::new(HandlerRegistry::with_builtin_handlers());
     let session = live_update.create_session(&guest.session)?;
-    session.preserve(SMALL_TOKEN, &files.small)?;
+    session.preserve(SMALL_TOKEN, files.small.as_fd())?;
+    ensure!(
+        files.small.is_frozen(),
+        "preserve did not freeze the guest memory"
+    );
     if let Some(huge) = &files.huge {
-        session.preserve(HUGE_TOKEN, huge)?;
+        session.preserve(HUGE_TOKEN, huge.as_fd())?;
     }
     session.preserve(STATE_TOKEN, &files.state)?;
     Ok((live_update, session))
-}
-
-/// A shared mapping of a whole file.
-struct Mapping {
-    address: *mut std::ffi::c_void,
-    length: u64,
-}
-
-impl Mapping {
-    fn new(fd: BorrowedFd<'_>, length: u64, writable: bool) -> anyhow::Result<Mapping> {
-        let protection = if writable {
-            ProtFlags::READ | ProtFlags::WRITE
-        } else {
-            ProtFlags::READ
-        };
-        // SAFETY: a fresh shared mapping of `length` bytes of a file we
-        // hold; nothing else uses this address range; unmapped on drop.
-        let address = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                length as usize,
-                protection,
-                MapFlags::SHARED,
-                fd,
-                0,
-            )
-        }?;
-        Ok(Mapping { address, length })
-    }
-
-    fn write(&self, offset: u64, bytes: &[u8]) {
-        assert!(offset + bytes.len() as u64 <= self.length);
-        // SAFETY: the range lies inside the writable mapping (asserted) and
-        // `bytes` cannot overlap it (it is our own heap buffer).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.address.cast::<u8>().add(offset as usize),
-                bytes.len(),
-            );
-        }
-    }
-
-    fn read(&self, offset: u64, length: usize) -> Vec<u8> {
-        assert!(offset + length as u64 <= self.length);
-        let mut bytes = vec![0u8; length];
-        // SAFETY: the range lies inside the mapping (asserted).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.address.cast::<u8>().add(offset as usize),
-                bytes.as_mut_ptr(),
-                length,
-            );
-        }
-        bytes
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, not used after this.
-        let _ = unsafe { rustix::mm::munmap(self.address, self.length as usize) };
-    }
 }
 
 // ---- verification ----
@@ -328,9 +283,15 @@ fn data_extents(fd: BorrowedFd<'_>, size: u64) -> anyhow::Result<Vec<(u64, u64)>
     Ok(extents)
 }
 
-fn expected_extents(pages: u64) -> Vec<(u64, u64)> {
+/// The small file's populated pages: the pattern's, plus the page the
+/// transfer test's old process adds between offer and switch.
+fn small_expected(page: u64, late: bool) -> bool {
+    small_populated(page) || (late && page == LATE_PAGE)
+}
+
+fn expected_extents(pages: u64, late: bool) -> Vec<(u64, u64)> {
     let mut extents: Vec<(u64, u64)> = Vec::new();
-    for page in (0..pages).filter(|page| small_populated(*page)) {
+    for page in (0..pages).filter(|page| small_expected(*page, late)) {
         match extents.last_mut() {
             Some(last) if last.1 == page => last.1 = page + 1,
             _ => extents.push((page, page + 1)),
@@ -339,77 +300,106 @@ fn expected_extents(pages: u64) -> Vec<(u64, u64)> {
     extents
 }
 
-fn verify_small(guest: &Guest, file: &MemfdFile, rewritten: bool) -> anyhow::Result<String> {
+fn small_page_expected(guest: &Guest, page: u64, late: bool) -> Vec<u8> {
+    if late && page == LATE_PAGE {
+        pattern_page(guest.seed, 0, page, 2)
+    } else {
+        pattern_page(guest.seed, 0, page, small_generation(page, late))
+    }
+}
+
+fn verify_gmem_common(file: &GuestMemFile, size: u64, backend: Backend) -> anyhow::Result<()> {
+    ensure!(file.size() == size, "size {} != {size}", file.size());
     ensure!(
-        file.size() == SMALL_SIZE,
-        "small size {} != {SMALL_SIZE}",
-        file.size()
+        file.backend() == backend,
+        "backend {} != {backend}",
+        file.backend()
     );
-    let extents = data_extents(file.try_clone_fd()?.as_fd(), SMALL_SIZE)?;
     ensure!(
-        extents == expected_extents(SMALL_SIZE / PAGE),
-        "populated pages differ: {extents:?}"
+        file.flags() == GmemFlags::HOST_ACCESSIBLE,
+        "flags {:?}",
+        file.flags()
     );
+    ensure!(
+        file.is_frozen(),
+        "a retrieved file must stay frozen until finish"
+    );
+    Ok(())
+}
+
+fn verify_small(guest: &Guest, file: &GuestMemFile, late: bool) -> anyhow::Result<String> {
+    verify_gmem_common(file, SMALL_SIZE, Backend::Memfd)?;
+    let expected: Vec<(PageIndex, FolioOrder)> = (0..SMALL_SIZE / PAGE)
+        .filter(|page| small_expected(*page, late))
+        .map(|page| (PageIndex(page), FolioOrder::BASE))
+        .collect();
+    let populated: Vec<(PageIndex, FolioOrder)> = file.populated().collect();
+    ensure!(
+        populated == expected,
+        "populated folios differ from the old process's"
+    );
+    // The kernel object agrees: its data extents are the same pages.
+    let extents = data_extents(file.as_fd(), SMALL_SIZE)?;
+    ensure!(
+        extents == expected_extents(SMALL_SIZE / PAGE, late),
+        "kernel extents {extents:?}"
+    );
+    let (range, policy) = small_policy();
+    ensure!(
+        file.descriptor().policies == vec![(range, policy)],
+        "policies {:?}",
+        file.descriptor().policies
+    );
+    ensure!(
+        file.policy_at(PageIndex(3))? == policy,
+        "the kernel has another policy"
+    );
+    let mapping = file.mapping()?;
     let zero = vec![0u8; PAGE as usize];
     let mut page_bytes = vec![0u8; PAGE as usize];
-    let mut populated = 0;
     for page in 0..SMALL_SIZE / PAGE {
-        read_exact_at(file.try_clone_fd()?.as_fd(), &mut page_bytes, page * PAGE)?;
-        if small_populated(page) {
-            populated += 1;
-            let generation = small_generation(page, rewritten);
+        mapping.read(page * PAGE, &mut page_bytes)?;
+        if small_expected(page, late) {
             ensure!(
-                page_bytes == pattern_page(guest.seed, 0, page, generation),
+                page_bytes == small_page_expected(guest, page, late),
                 "small page {page} differs"
             );
         } else {
             ensure!(page_bytes == zero, "small hole {page} is not zero");
         }
     }
-    Ok(format!("small={populated}pages"))
+    Ok(format!("small={}pages", expected.len()))
 }
 
-fn verify_huge(guest: &Guest, file: &MemfdFile) -> anyhow::Result<String> {
-    ensure!(
-        file.size() == HUGE_SIZE,
-        "huge size {} != {HUGE_SIZE}",
-        file.size()
-    );
-    let expected = (0..HUGE_SIZE / HUGE_PAGE)
+fn verify_huge(guest: &Guest, file: &GuestMemFile) -> anyhow::Result<String> {
+    verify_gmem_common(file, HUGE_SIZE, Backend::Hugetlb)?;
+    let expected: Vec<(PageIndex, FolioOrder)> = (0..HUGE_SIZE / HUGE_PAGE)
         .filter(|page| huge_populated(*page))
-        .count() as u64;
+        .map(|page| (PageIndex(page * 512), FolioOrder::HUGE_2M))
+        .collect();
+    let populated: Vec<(PageIndex, FolioOrder)> = file.populated().collect();
+    ensure!(populated == expected, "populated huge folios {populated:?}");
     let blocks = rustix::fs::fstat(file.as_fd())?.st_blocks as u64 * 512;
     ensure!(
-        blocks == expected * HUGE_PAGE,
-        "hugetlb holds {blocks} bytes, expected {expected} huge pages"
+        blocks == expected.len() as u64 * HUGE_PAGE,
+        "hugetlbfs holds {blocks} bytes, expected {} huge pages",
+        expected.len()
     );
-    let mapping = Mapping::new(file.as_fd(), HUGE_SIZE, false)?;
+    let mapping = file.mapping()?;
     let zero = vec![0u8; PAGE as usize];
-    for huge_page in 0..HUGE_SIZE / HUGE_PAGE {
-        if !huge_populated(huge_page) {
-            // Reading a hole through a mapping would allocate it: read() does
-            // not.
-            let mut bytes = vec![0u8; PAGE as usize];
-            for page in 0..HUGE_PAGE / PAGE {
-                read_exact_at(
-                    file.as_fd(),
-                    &mut bytes,
-                    huge_page * HUGE_PAGE + page * PAGE,
-                )?;
-                ensure!(bytes == zero, "huge hole {huge_page} is not zero");
-            }
-            continue;
-        }
-        for page in 0..HUGE_PAGE / PAGE {
-            let offset = huge_page * HUGE_PAGE + page * PAGE;
+    let mut bytes = vec![0u8; PAGE as usize];
+    for page in 0..HUGE_SIZE / PAGE {
+        mapping.read(page * PAGE, &mut bytes)?;
+        if huge_populated(page * PAGE / HUGE_PAGE) {
             ensure!(
-                mapping.read(offset, PAGE as usize)
-                    == pattern_page(guest.seed, 1, offset / PAGE, 0),
-                "huge page {huge_page} differs at {offset}"
+                bytes == pattern_page(guest.seed, 1, page, 0),
+                "huge memory differs at page {page}"
             );
+        } else {
+            ensure!(bytes == zero, "huge hole at page {page} is not zero");
         }
     }
-    Ok(format!("huge={expected}x2MiB"))
+    Ok(format!("huge={}x2MiB", expected.len()))
 }
 
 fn verify_state(guest: &Guest, file: &MemfdFile, late: bool) -> anyhow::Result<String> {
@@ -458,11 +448,14 @@ fn read_exact_at(fd: BorrowedFd<'_>, buffer: &mut [u8], offset: u64) -> anyhow::
     Ok(())
 }
 
-fn take(session: &mut IncomingSession, token: Token) -> anyhow::Result<std::sync::Arc<MemfdFile>> {
+fn take<T: liveupdate::RetrievedObject>(
+    session: &mut IncomingSession,
+    token: Token,
+) -> anyhow::Result<Arc<T>> {
     session
         .retrieve(token)?
-        .downcast::<MemfdFile>()
-        .context("not a memfd")
+        .downcast::<T>()
+        .context("another kind of file")
 }
 
 fn verify_session(
@@ -479,20 +472,32 @@ fn verify_session(
         "tokens {:?}",
         session.tokens()
     );
-    let mut report = vec![verify_small(
-        guest,
-        &*take(&mut session, SMALL_TOKEN)?,
-        late,
-    )?];
-    if guest.huge {
-        report.push(verify_huge(guest, &*take(&mut session, HUGE_TOKEN)?)?);
-    }
+    let small = take::<GuestMemFile>(&mut session, SMALL_TOKEN)?;
+    let mut report = vec![verify_small(guest, &small, late)?];
+    let huge = if guest.huge {
+        let huge = take::<GuestMemFile>(&mut session, HUGE_TOKEN)?;
+        report.push(verify_huge(guest, &huge)?);
+        Some(huge)
+    } else {
+        None
+    };
     report.push(verify_state(
         guest,
-        &*take(&mut session, STATE_TOKEN)?,
+        &*take::<MemfdFile>(&mut session, STATE_TOKEN)?,
         late,
     )?);
     session.finish()?;
+    // Finish unfroze the guest memory: the successor's guest can fault in
+    // new pages.
+    ensure!(!small.is_frozen(), "finish did not unfreeze");
+    small.fallocate(FallocMode::ALLOCATE, (HOLE_PAGE * PAGE) as i64, PAGE as i64)?;
+    if let Some(huge) = huge {
+        ensure!(
+            !huge.is_frozen(),
+            "finish did not unfreeze the hugetlb file"
+        );
+    }
+    report.push("unfrozen-at-finish".to_owned());
     Ok(report.join(" "))
 }
 
@@ -605,13 +610,23 @@ fn transfer_old(guest: &Guest, socket: &Path) -> anyhow::Result<()> {
     let mut link = listener.accept()?;
     link.offer(&live_update)?;
     say("OFFERED");
-    // The guest keeps running: it rewrites memory it already has, and the
-    // VMM writes its state (which moves the state memfd's position).
+    // The guest keeps running: it rewrites memory it already has (allowed
+    // while frozen), and the VMM, at the switch, unfreezes, serves a parked
+    // fault on a missing page, and freezes again (the explicit step of the
+    // DESIGN): the switch's delta must carry the new folio. The VMM also
+    // writes its state, which moves the state memfd's position.
     {
-        let mapping = Mapping::new(files.small.as_fd(), SMALL_SIZE, true)?;
+        let mapping = files.small.mapping()?;
         for page in REWRITTEN_PAGES {
-            mapping.write(page * PAGE, &pattern_page(guest.seed, 0, page, 1));
+            mapping.write(page * PAGE, &pattern_page(guest.seed, 0, page, 1))?;
         }
+        ensure!(
+            mapping.write(LATE_PAGE * PAGE, b"x").is_err(),
+            "a new page was allocated behind the freeze"
+        );
+        files.small.freeze(false);
+        mapping.write(LATE_PAGE * PAGE, &pattern_page(guest.seed, 0, LATE_PAGE, 2))?;
+        files.small.freeze(true);
     }
     let written = rustix::io::write(&files.state, LATE_STATE)?;
     ensure!(written == LATE_STATE.len(), "short state write");
@@ -640,20 +655,34 @@ fn carry_on(
     files: &GuestFiles,
 ) -> anyhow::Result<()> {
     ensure!(!live_update.is_handed_over(), "the handover completed");
-    ensure!(
-        memfd::set_len(&files.small, SMALL_SIZE * 2).is_err(),
-        "still preserved: the size is fixed"
-    );
-    // The VMM gives up on this update: closing the session unpreserves.
+    ensure!(files.small.is_frozen(), "still preserved: still frozen");
+    // The VMM gives up on this update: closing the session unpreserves and
+    // unfreezes.
     session.close();
     drop(live_update);
-    memfd::fallocate(&files.small, FallocateFlags::KEEP_SIZE, 3 * PAGE, PAGE)?;
-    let mapping = Mapping::new(files.small.as_fd(), SMALL_SIZE, true)?;
-    // Page 10 was a hole (10 % 7 == 3): a first touch allocates it.
-    mapping.write(10 * PAGE, b"new page after the abort");
-    ensure!(mapping.read(10 * PAGE, 24) == b"new page after the abort");
-    ensure!(mapping.read(0, PAGE as usize) == pattern_page(guest.seed, 0, 0, 1));
-    memfd::set_len(&files.small, SMALL_SIZE * 2)?;
+    ensure!(
+        !files.small.is_frozen(),
+        "closing the session did not unfreeze"
+    );
+    let mapping = files.small.mapping()?;
+    // A first touch of a hole allocates it again, and fallocate works.
+    mapping.write(HOLE_PAGE * PAGE, b"new page after the abort")?;
+    let mut back = [0u8; 24];
+    mapping.read(HOLE_PAGE * PAGE, &mut back)?;
+    ensure!(&back == b"new page after the abort");
+    files
+        .small
+        .fallocate(FallocMode::ALLOCATE, (24 * PAGE) as i64, PAGE as i64)?;
+    let mut first = vec![0u8; PAGE as usize];
+    mapping.read(0, &mut first)?;
+    ensure!(first == pattern_page(guest.seed, 0, 0, 1), "memory changed");
+    // The state memfd is no longer preserved (its own seals still fix its
+    // size) and its contents are the VMM's again.
+    ensure!(
+        !liveupdate::preserved::is_preserved(liveupdate::FileIdentity::of(&files.state)?),
+        "the state memfd is still preserved"
+    );
+    rustix::io::pwrite(&files.state, b"carrying on", 0)?;
     say("CARRIED-ON");
     Ok(())
 }
@@ -680,9 +709,12 @@ fn transfer_new(guest: &Guest, socket: &Path, die_before_switch: bool) -> anyhow
     let offer = successor.receive_offer()?;
     // Build ahead while the guest runs: map the guest memory and look at it.
     ensure!(offer.record.file_count() == offer.fds.len());
-    let mapping = Mapping::new(offer.fds[0].as_fd(), SMALL_SIZE, false)?;
-    ensure!(mapping.read(2 * PAGE, PAGE as usize) == pattern_page(guest.seed, 0, 2, 0));
-    drop(mapping);
+    let mut page = vec![0u8; PAGE as usize];
+    read_exact_at(offer.fds[0].as_fd(), &mut page, 2 * PAGE)?;
+    ensure!(
+        page == pattern_page(guest.seed, 0, 2, 0),
+        "offered memory differs"
+    );
     say("READY");
     if die_before_switch {
         // Dies without a word, as a crash would.
