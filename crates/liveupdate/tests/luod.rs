@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Luod, PEER, Process, guest_arguments};
+use common::{Luod, PEER, Process, guest_arguments, small_guest_arguments};
 use liveupdate::luod::kind;
 use liveupdate::record::{FileRecord, Record, SessionRecord, checksum, wire};
 use liveupdate::{Compatible, FileIdentity, HandlerRegistry, SessionName, Token, fdio};
@@ -21,7 +21,14 @@ fn peer_arguments<'a>(role: &'a str, luod: &'a Luod, rest: &'a [String]) -> Vec<
 }
 
 fn deposit(luod: &Luod, session: &str, seed: u64, linger: bool) -> Process {
-    let mut rest = guest_arguments(seed);
+    deposit_guest(luod, session, guest_arguments(seed), linger)
+}
+
+fn deposit_small(luod: &Luod, session: &str, seed: u64) -> Process {
+    deposit_guest(luod, session, small_guest_arguments(seed), false)
+}
+
+fn deposit_guest(luod: &Luod, session: &str, mut rest: Vec<String>, linger: bool) -> Process {
     rest.extend(["--session".to_owned(), session.to_owned()]);
     if linger {
         rest.push("--linger".to_owned());
@@ -32,7 +39,14 @@ fn deposit(luod: &Luod, session: &str, seed: u64, linger: bool) -> Process {
 }
 
 fn retrieve(luod: &Luod, session: &str, seed: u64) -> String {
-    let mut rest = guest_arguments(seed);
+    retrieve_guest(luod, session, guest_arguments(seed))
+}
+
+fn retrieve_small(luod: &Luod, session: &str, seed: u64) -> String {
+    retrieve_guest(luod, session, small_guest_arguments(seed))
+}
+
+fn retrieve_guest(luod: &Luod, session: &str, mut rest: Vec<String>) -> String {
     rest.extend(["--session".to_owned(), session.to_owned()]);
     let mut process = Process::peer(&peer_arguments("luod-retrieve", luod, &rest));
     let line = process.expect("VERIFIED luod");
@@ -78,8 +92,8 @@ fn a_successor_expecting_other_contents_fails_verification() {
     // The verifier can fail: retrieving with another seed than the deposit
     // reports a difference.
     let luod = Luod::start("luod-mismatch");
-    deposit(&luod, "vm0", 53, false).wait_success();
-    let mut rest = guest_arguments(54);
+    deposit_small(&luod, "vm0", 53).wait_success();
+    let mut rest = small_guest_arguments(54);
     rest.extend(["--session".to_owned(), "vm0".to_owned()]);
     let mut process = Process::peer(&peer_arguments("luod-retrieve", &luod, &rest));
     let status = process.wait();
@@ -111,7 +125,7 @@ fn luod_refuses_a_peer_of_another_uid() {
         return;
     }
     let luod = Luod::start("luod-uid");
-    deposit(&luod, "vm0", 55, false).wait_success();
+    deposit_small(&luod, "vm0", 55).wait_success();
     let nobody = 65534;
     let eperm = format!("ERRNO {}", libc::EPERM);
     for operation in ["retrieve", "show", "drop", "finish"] {
@@ -124,7 +138,7 @@ fn luod_refuses_a_peer_of_another_uid() {
     // It does not even see the session.
     assert_eq!(request_as(&luod, nobody, "list", "vm0"), "OK");
     // Nothing was disturbed.
-    assert!(retrieve(&luod, "vm0", 55).contains("small=7022pages"));
+    assert!(retrieve_small(&luod, "vm0", 55).contains("small=7022pages"));
 }
 
 fn memfd(name: &str) -> OwnedFd {
@@ -161,7 +175,7 @@ fn deposit_raw(
 #[test]
 fn luod_refuses_malformed_requests_clashes_and_second_retrievals_undisturbed() {
     let luod = Luod::start("luod-refusals");
-    deposit(&luod, "vm0", 56, false).wait_success();
+    deposit_small(&luod, "vm0", 56).wait_success();
 
     // A malformed request: an EPROTO reply, then the connection is closed.
     let client = luod.client();
@@ -278,13 +292,13 @@ fn luod_refuses_malformed_requests_clashes_and_second_retrievals_undisturbed() {
     // None of this disturbed vm0: a real successor verifies every byte.
     let shown = luod.client().show("vm0").unwrap();
     assert_eq!(shown.sessions[0].name.as_str(), "vm0");
-    assert!(retrieve(&luod, "vm0", 56).contains("small=7022pages"));
+    assert!(retrieve_small(&luod, "vm0", 56).contains("small=7022pages"));
 }
 
 #[test]
 fn sigterm_stops_luod_cleanly_and_logs_what_it_releases() {
     let mut luod = Luod::start("luod-sigterm");
-    deposit(&luod, "kept", 57, false).wait_success();
+    deposit_small(&luod, "kept", 57).wait_success();
     let pid = rustix::process::Pid::from_child(&luod.process.child);
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let status = luod.process.wait();
@@ -296,4 +310,35 @@ fn sigterm_stops_luod_cleanly_and_logs_what_it_releases() {
         log.contains("releasing a session nobody retrieved") && log.contains("kept"),
         "{log}"
     );
+}
+
+#[test]
+fn luod_bounds_its_connections() {
+    let luod = Luod::start_with("luod-connections", &["--max-connections", "2"]);
+    let first = luod.client();
+    let second = luod.client();
+    assert!(first.list().unwrap().is_empty());
+    assert!(second.list().unwrap().is_empty());
+    // The third is accepted, told EAGAIN and closed; the others go on.
+    let third = luod.client();
+    assert_eq!(third.list().unwrap_err().errno(), libc::EAGAIN);
+    assert!(first.list().unwrap().is_empty());
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match luod.client().list() {
+            Ok(sessions) => {
+                assert!(sessions.is_empty());
+                break;
+            }
+            Err(error) => {
+                assert_eq!(error.errno(), libc::EAGAIN);
+                assert!(
+                    Instant::now() < deadline,
+                    "the freed connection slot was not reused"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
 }

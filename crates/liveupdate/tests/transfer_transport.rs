@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Process, Scratch, guest_arguments};
+use common::{Process, Scratch, guest_arguments, small_guest_arguments};
 
 fn arguments<'a>(role: &'a str, socket: &'a str, guest: &'a [String]) -> Vec<&'a str> {
     let mut all = vec![role, "--socket", socket];
@@ -46,7 +46,7 @@ fn a_successor_dying_before_the_switch_leaves_the_old_process_running() {
     let scratch = Scratch::new("transfer-death");
     let socket = scratch.join("vmm.sock");
     let socket = socket.to_str().unwrap();
-    let guest = guest_arguments(43);
+    let guest = small_guest_arguments(43);
     let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
     old.expect("LISTENING");
     let mut all = arguments("transfer-new", socket, &guest);
@@ -63,4 +63,21 @@ fn a_successor_dying_before_the_switch_leaves_the_old_process_running() {
     // It kept its guest: memory intact, writable, allocatable again.
     old.expect("CARRIED-ON");
     old.wait_success();
+}
+
+#[test]
+fn the_old_process_dying_before_the_switch_stops_the_successor() {
+    let scratch = Scratch::new("transfer-old-death");
+    let socket = scratch.join("vmm.sock");
+    let socket = socket.to_str().unwrap();
+    let guest = small_guest_arguments(44);
+    let mut successor = Process::peer(&arguments("transfer-new", socket, &guest));
+    let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
+    old.expect("OFFERED");
+    successor.expect("READY");
+    old.child.kill().unwrap(); // SIGKILL, before any switch
+    old.wait();
+    let line = successor.expect("NO-SWITCH");
+    assert!(line.contains(&format!("errno={}", libc::EPIPE)), "{line}");
+    successor.wait_success();
 }

@@ -720,7 +720,15 @@ fn transfer_new(guest: &Guest, socket: &Path, die_before_switch: bool) -> anyhow
         // Dies without a word, as a crash would.
         std::process::exit(17);
     }
-    let switched = successor.wait_for_switch(&HandlerRegistry::with_builtin_handlers())?;
+    let switched = match successor.wait_for_switch(&HandlerRegistry::with_builtin_handlers()) {
+        Ok(switched) => switched,
+        Err(error) => {
+            // The old process went away or gave up before committing: the
+            // successor must not run the guest.
+            say(&format!("NO-SWITCH errno={} {error}", error.errno()));
+            return Ok(());
+        }
+    };
     ensure!(
         switched.payload == b"vcpu registers at the switch",
         "payload differs"

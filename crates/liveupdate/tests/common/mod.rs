@@ -226,6 +226,13 @@ pub fn guest_arguments(seed: u64) -> Vec<String> {
     arguments
 }
 
+/// The peer's guest arguments without the hugetlb half, for tests about
+/// something else than the memory (they leave the shared huge page pool to
+/// the round trips).
+pub fn small_guest_arguments(seed: u64) -> Vec<String> {
+    vec!["--seed".to_owned(), seed.to_string()]
+}
+
 /// A running luod on a scratch socket.
 pub struct Luod {
     pub process: Process,
@@ -235,10 +242,18 @@ pub struct Luod {
 
 impl Luod {
     pub fn start(name: &str) -> Luod {
+        Luod::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, arguments: &[&str]) -> Luod {
         let scratch = Scratch::new(name);
         let socket = scratch.join("luod.sock");
         let mut command = Command::new(LUOD);
-        command.arg("--socket").arg(&socket).env("RUST_LOG", "info");
+        command
+            .arg("--socket")
+            .arg(&socket)
+            .args(arguments)
+            .env("RUST_LOG", "info");
         let process = Process::spawn(command);
         let deadline = Instant::now() + TIMEOUT;
         while liveupdate::luod::LuodClient::connect(&socket).is_err() {
