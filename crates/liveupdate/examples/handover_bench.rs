@@ -1,5 +1,6 @@
 //! Benchmark: preserve + freeze + handover + retrieve of populated guest
-//! memory per transport, side by side with copying the same memory out to a
+//! memory (a `gmem::GuestMemFile`, memfd or hugetlb backend, every folio
+//! present) per transport, side by side with copying the same memory out to a
 //! file and back (what a snapshot/restore does). Prints one table.
 //!
 //! ```text
@@ -24,17 +25,19 @@
 //! transfer the offer happens before it), copy (out + in), and copy / total.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use gmem::{Backend, FallocMode, GmemFlags, GuestMemFile};
 use liveupdate::luod::LuodClient;
 use liveupdate::luod::server::{Daemon, DaemonConfig};
 use liveupdate::transport::{exec, transfer};
 use liveupdate::{HandlerRegistry, Incoming, LiveUpdate, Token};
-use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::fs::FallocateFlags;
 
 const GIB: u64 = 1 << 30;
 const HUGE_PAGE: u64 = 2 << 20;
@@ -92,37 +95,41 @@ fn main() -> anyhow::Result<()> {
 
 // ---- the guest memory of one run ----
 
-fn guest_memory(huge: bool, size: u64) -> anyhow::Result<OwnedFd> {
-    let mut flags = MemfdFlags::CLOEXEC;
-    if huge {
-        flags |= MemfdFlags::HUGETLB;
-    }
-    let memfd = rustix::fs::memfd_create("guest", flags)?;
-    rustix::fs::ftruncate(&memfd, size)?;
-    // Populate every page (the kernel zeroes them): the memory a running
+fn guest_memory(huge: bool, size: u64) -> anyhow::Result<Arc<GuestMemFile>> {
+    let backend = if huge {
+        Backend::Hugetlb
+    } else {
+        Backend::Memfd
+    };
+    let file = GuestMemFile::create(size, GmemFlags::HOST_ACCESSIBLE, backend)?;
+    // Populate every folio (the kernel zeroes them): the memory a running
     // guest has touched.
-    rustix::fs::fallocate(&memfd, FallocateFlags::empty(), 0, size).context("populating")?;
-    Ok(memfd)
+    file.fallocate(FallocMode::ALLOCATE, 0, size as i64)
+        .context("populating")?;
+    Ok(file)
 }
 
-fn preserve(memfd: &OwnedFd) -> anyhow::Result<(LiveUpdate, liveupdate::Session)> {
+fn preserve(file: &GuestMemFile) -> anyhow::Result<(LiveUpdate, liveupdate::Session)> {
     let live_update = LiveUpdate::new(HandlerRegistry::with_builtin_handlers());
     let session = live_update.create_session("vm")?;
-    session.preserve(Token(0), memfd)?;
+    session.preserve(Token(0), file.as_fd())?;
     Ok((live_update, session))
 }
 
 /// Retrieves and finishes the session; returns the file so that the caller
 /// takes its time stamp before the memory could be freed (closing the last
 /// fd of a memfd frees its pages, which is teardown, not handover).
-fn retrieve_all(mut incoming: Incoming, size: u64) -> anyhow::Result<liveupdate::RetrievedFile> {
+fn retrieve_all(mut incoming: Incoming, size: u64) -> anyhow::Result<Arc<GuestMemFile>> {
     let mut session = incoming.retrieve_session("vm")?;
-    let file = session.retrieve(Token(0))?;
-    let status = rustix::fs::fstat(file.as_fd())?;
+    let file = session
+        .retrieve(Token(0))?
+        .downcast::<GuestMemFile>()
+        .context("not guest memory")?;
+    ensure!(file.size() == size, "retrieved size {}", file.size());
     ensure!(
-        status.st_size as u64 == size,
-        "retrieved size {}",
-        status.st_size
+        file.populated_count() * file.folio_size() == size,
+        "retrieved {} folios",
+        file.populated_count()
     );
     session.finish()?;
     Ok(file)
@@ -136,9 +143,9 @@ fn huge_argument() -> bool {
 
 fn exec_old() -> anyhow::Result<()> {
     let size = number("--size")?;
-    let memfd = guest_memory(huge_argument(), size)?;
+    let guest = guest_memory(huge_argument(), size)?;
     let t0 = now();
-    let (live_update, _session) = preserve(&memfd)?;
+    let (live_update, _session) = preserve(&guest)?;
     let t1 = now();
     let program = std::env::current_exe()?;
     let arguments = [
@@ -176,11 +183,11 @@ fn exec_new() -> anyhow::Result<()> {
 fn transfer_old() -> anyhow::Result<()> {
     let size = number("--size")?;
     let socket = PathBuf::from(argument("--socket").context("--socket")?);
-    let memfd = guest_memory(huge_argument(), size)?;
+    let guest = guest_memory(huge_argument(), size)?;
     let listener = transfer::TransferListener::bind(&socket)?;
     let mut link = listener.accept()?;
     let t0 = now();
-    let (live_update, _session) = preserve(&memfd)?;
+    let (live_update, _session) = preserve(&guest)?;
     let t1 = now();
     link.offer(&live_update)?;
     let t2 = now();
@@ -217,10 +224,10 @@ fn transfer_new() -> anyhow::Result<()> {
 fn luod_old() -> anyhow::Result<()> {
     let size = number("--size")?;
     let socket = PathBuf::from(argument("--socket").context("--socket")?);
-    let memfd = guest_memory(huge_argument(), size)?;
+    let guest = guest_memory(huge_argument(), size)?;
     let client = connect_retry(|| LuodClient::connect(&socket))?;
     let t0 = now();
-    let (live_update, _session) = preserve(&memfd)?;
+    let (live_update, _session) = preserve(&guest)?;
     let t1 = now();
     client.hand_over(&live_update)?;
     let t2 = now();
@@ -356,7 +363,8 @@ fn run_luod(backend: &str, size: u64, socket: &Path) -> anyhow::Result<Times> {
 
 /// Writes the memory to a file and reads it back into fresh pages.
 fn run_copy(huge: bool, size: u64, directory: &Path) -> anyhow::Result<u64> {
-    let memfd = guest_memory(huge, size)?;
+    let file = guest_memory(huge, size)?;
+    let memfd = file.as_fd();
     let path = directory.join("snapshot");
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -372,7 +380,7 @@ fn run_copy(huge: bool, size: u64, directory: &Path) -> anyhow::Result<u64> {
             size as usize,
             rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
             rustix::mm::MapFlags::SHARED,
-            &memfd,
+            memfd,
             0,
         )
     }?;
@@ -386,7 +394,7 @@ fn run_copy(huge: bool, size: u64, directory: &Path) -> anyhow::Result<u64> {
     }
     // Free the guest's pages: the restore fills fresh ones.
     let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-    rustix::fs::fallocate(&memfd, punch, 0, size)?;
+    rustix::fs::fallocate(memfd, punch, 0, size)?;
     for (index, piece) in memory.chunks_mut(chunk).enumerate() {
         read_exact_at(&file, piece, (index * chunk) as u64)?;
     }
