@@ -332,7 +332,7 @@ fn luod_bounds_its_connections() {
                 break;
             }
             Err(error) => {
-                assert_eq!(error.errno(), libc::EAGAIN);
+                assert_eq!(error.errno(), libc::EAGAIN, "{error}");
                 assert!(
                     Instant::now() < deadline,
                     "the freed connection slot was not reused"

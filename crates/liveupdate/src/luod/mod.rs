@@ -170,16 +170,26 @@ impl LuodClient {
     /// Sends one request and returns the OK reply.
     ///
     /// # Errors
-    /// [`LuError::Remote`] with luod's errno for an ERROR reply; transport
-    /// errors (`EPIPE`, `EPROTO`).
+    /// [`LuError::Remote`] with luod's errno for an ERROR reply (also when
+    /// luod refused the connection before the request: `EAGAIN` for too many
+    /// connections); transport errors (`EPIPE`, `EPROTO`).
     pub fn request(
         &self,
         request: u16,
         body: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, LuError> {
-        self.channel.send(request, body, fds, false)?;
-        let reply = self.channel.receive("waiting for luod's reply", false)?;
+        let reply = match self.exchange(request, body, fds) {
+            Ok(reply) => reply,
+            // luod may have refused the connection itself (too many) and
+            // closed it: its reason waits in the socket's receive queue,
+            // behind the ECONNRESET the kernel reports first.
+            Err(error @ LuError::PeerGone { .. }) => self
+                .channel
+                .receive("reading luod's refusal", true)
+                .map_err(|_| error)?,
+            Err(error) => return Err(error),
+        };
         match reply.kind {
             kind::OK => Ok(reply),
             kind::ERROR => Err(decode_error(&reply.body)),
@@ -187,6 +197,16 @@ impl LuodClient {
                 detail: format!("luod replied with kind {other}"),
             }),
         }
+    }
+
+    fn exchange(
+        &self,
+        request: u16,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Message, LuError> {
+        self.channel.send(request, body, fds, false)?;
+        self.channel.receive("waiting for luod's reply", false)
     }
 
     /// Freezes `live_update`'s sessions and deposits them with luod. On

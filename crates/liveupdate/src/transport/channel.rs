@@ -198,8 +198,27 @@ impl Channel {
         }
         let received = {
             let mut slices = [IoSliceMut::new(&mut buffer)];
-            rustix::net::recvmsg(&self.socket, &mut slices, &mut control, flags)
-                .map_err(|errno| peer_gone_or("recvmsg", during, errno))?
+            let mut result = rustix::net::recvmsg(&self.socket, &mut slices, &mut control, flags);
+            if matches!(result, Err(Errno::CONNRESET)) {
+                // A peer that closed with our message unread makes the kernel
+                // report ECONNRESET once, before the messages it sent last
+                // (its reply, its reason for hanging up): read those, and
+                // take "nothing there" as the peer being gone.
+                result = rustix::net::recvmsg(
+                    &self.socket,
+                    &mut slices,
+                    &mut control,
+                    flags | RecvFlags::DONTWAIT,
+                )
+                .map_err(|errno| {
+                    if errno == Errno::AGAIN {
+                        Errno::CONNRESET
+                    } else {
+                        errno
+                    }
+                });
+            }
+            result.map_err(|errno| peer_gone_or("recvmsg", during, errno))?
         };
         let mut fds = Vec::new();
         for message in control.drain() {
@@ -459,6 +478,22 @@ mod tests {
         drop(left);
         assert_eq!(
             right.receive("test", false).unwrap_err().errno(),
+            libc::EPIPE
+        );
+    }
+
+    #[test]
+    fn a_reply_queued_before_the_peer_hung_up_is_still_read() {
+        let (left, right) = pair(MAGIC).unwrap();
+        left.send(1, b"request", &[], false).unwrap();
+        right.send(2, b"reason", &[], false).unwrap();
+        // Closed with the request unread: the kernel reports ECONNRESET
+        // first, then the reply.
+        drop(right);
+        let reply = left.receive("test", false).unwrap();
+        assert_eq!((reply.kind, reply.body.as_slice()), (2, &b"reason"[..]));
+        assert_eq!(
+            left.receive("test", false).unwrap_err().errno(),
             libc::EPIPE
         );
     }
