@@ -9,6 +9,7 @@
 //! a live update of the monitor.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod backing;
 pub mod error;
 pub mod guest;
 pub mod layout;
