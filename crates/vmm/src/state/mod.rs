@@ -240,6 +240,41 @@ impl MachineState {
     }
 }
 
+/// A state slot: a fixed-size memfd that a live update preserves before the
+/// vCPUs stop and writes the state into once they have.
+impl MachineState {
+    /// Makes an empty slot for a machine of `vcpus` vCPUs (close-on-exec,
+    /// sealed against size changes, writable).
+    ///
+    /// # Errors
+    /// - [`VmmError::MemoryFile`]: `memfd_create`, `ftruncate` or
+    ///   `F_ADD_SEALS` failed (EMFILE, ENOMEM).
+    pub fn new_slot(vcpus: u32) -> Result<OwnedFd> {
+        wire::slot_memfd(vcpus)
+    }
+
+    /// Encodes the state into `slot` at offset 0; returns the record's size.
+    ///
+    /// # Errors
+    /// - [`VmmError::MemoryFile`]: EFBIG when the slot is too small, or
+    ///   `pwrite` failed.
+    pub fn write_to_slot(&self, slot: impl AsFd) -> Result<usize> {
+        let record = wire::encode(self);
+        wire::write_slot(slot.as_fd(), &record)?;
+        Ok(record.len())
+    }
+
+    /// Reads and validates the record at the start of `slot`.
+    ///
+    /// # Errors
+    /// - [`VmmError::State`] (EINVAL): no valid record there (see
+    ///   [`StateFormatError`]), or it could not be read.
+    pub fn from_slot(slot: impl AsFd) -> Result<Self> {
+        let bytes = wire::read_slot(slot.as_fd())?;
+        Ok(wire::decode(&bytes)?)
+    }
+}
+
 /// What a vCPU capture reads, decided once per machine: which optional
 /// parts KVM has, and which MSRs to save.
 #[derive(Clone, Debug)]

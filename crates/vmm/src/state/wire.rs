@@ -861,6 +861,95 @@ pub(crate) fn write_memfd(record: &[u8]) -> crate::Result<OwnedFd> {
     Ok(file)
 }
 
+/// Bytes a state slot for `vcpus` vCPUs holds: a header, the VM-wide
+/// sections and 64 KiB per vCPU, several times what a vCPU's sections take
+/// (about 10 KiB with XSAVE, the MSR list and CPUID).
+pub(crate) fn slot_capacity(vcpus: u32) -> u64 {
+    (64 << 10) + u64::from(vcpus) * (64 << 10)
+}
+
+/// Makes a state slot: a memfd of fixed size (sealed against growing and
+/// shrinking, still writable) into which a record is written later, at
+/// offset 0. A live update preserves the slot before the vCPUs stop (in
+/// transfer mode before the successor is offered the session), then writes
+/// the state into it while the vCPUs are stopped.
+pub(crate) fn slot_memfd(vcpus: u32) -> crate::Result<OwnedFd> {
+    use crate::error::VmmError;
+    let failed =
+        |operation| move |errno: rustix::io::Errno| VmmError::memory_file(operation, errno);
+    let file = rustix::fs::memfd_create(
+        "gmem-lu-vcpu-state",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )
+    .map_err(failed("memfd_create"))?;
+    rustix::fs::ftruncate(&file, slot_capacity(vcpus)).map_err(failed("ftruncate"))?;
+    rustix::fs::fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW)
+        .map_err(failed("F_ADD_SEALS"))?;
+    Ok(file)
+}
+
+/// Writes `record` at offset 0 of a slot.
+///
+/// # Errors
+/// - [`crate::VmmError::MemoryFile`]: EFBIG when the record is larger than
+///   the slot; `fstat` or `pwrite` failed.
+pub(crate) fn write_slot(slot: BorrowedFd<'_>, record: &[u8]) -> crate::Result<()> {
+    use crate::error::VmmError;
+    let failed =
+        |operation| move |errno: rustix::io::Errno| VmmError::memory_file(operation, errno);
+    let size = rustix::fs::fstat(slot).map_err(failed("fstat"))?.st_size;
+    if record.len() as u64 > u64::try_from(size).unwrap_or(0) {
+        return Err(VmmError::memory_file(
+            "write the state record into its slot",
+            rustix::io::Errno::FBIG,
+        ));
+    }
+    let mut written = 0;
+    while written < record.len() {
+        written += rustix::io::pwrite(slot, &record[written..], written as u64)
+            .map_err(failed("pwrite"))?;
+    }
+    Ok(())
+}
+
+/// Reads the record at the start of a slot: the header, then as many body
+/// bytes as it declares (bounded by [`MAX_BODY_BYTES`] and the file size);
+/// [`decode`] validates the rest.
+pub(crate) fn read_slot(slot: BorrowedFd<'_>) -> Result<Vec<u8>, StateFormatError> {
+    let io = |operation| {
+        move |errno: rustix::io::Errno| StateFormatError::Io {
+            operation,
+            errno: errno.raw_os_error(),
+        }
+    };
+    let mut header = [0u8; HEADER_BYTES];
+    let count = rustix::io::pread(slot, &mut header, 0).map_err(io("pread"))?;
+    if count < HEADER_BYTES {
+        return Err(StateFormatError::TooShort { length: count });
+    }
+    let mut length = [0u8; 8];
+    length.copy_from_slice(&header[16..24]);
+    let body_length = u64::from_le_bytes(length);
+    if body_length > MAX_BODY_BYTES {
+        return Err(StateFormatError::BodyTooLong {
+            length: body_length,
+        });
+    }
+    let total = HEADER_BYTES + body_length as usize;
+    let mut bytes = vec![0u8; total];
+    let mut read = 0;
+    while read < total {
+        let count =
+            rustix::io::pread(slot, &mut bytes[read..], read as u64).map_err(io("pread"))?;
+        if count == 0 {
+            bytes.truncate(read);
+            break;
+        }
+        read += count;
+    }
+    Ok(bytes)
+}
+
 /// Reads a whole record file, refusing one larger than any valid record.
 pub(crate) fn read_file(file: BorrowedFd<'_>) -> Result<Vec<u8>, StateFormatError> {
     let io = |operation| {

@@ -519,3 +519,39 @@ proptest! {
         let _ = decode(&record);
     }
 }
+
+#[test]
+fn a_slot_holds_a_record_and_refuses_what_it_cannot_hold() {
+    let state = sample_state(3);
+    let slot = slot_memfd(3).unwrap();
+    // Size fixed by seals, as the memfd handler preserves it.
+    assert_eq!(
+        rustix::fs::ftruncate(&slot, 1).unwrap_err(),
+        rustix::io::Errno::PERM
+    );
+    // An empty slot holds no record.
+    assert!(matches!(
+        read_slot(std::os::fd::AsFd::as_fd(&slot)).and_then(|bytes| decode(&bytes)),
+        Err(StateFormatError::BadMagic)
+    ));
+    let written = state.write_to_slot(&slot).unwrap();
+    assert_eq!(written, encode(&state).len());
+    assert_eq!(MachineState::from_slot(&slot).unwrap(), state);
+    // A second, smaller state overwrites the first; the stale tail is ignored.
+    let smaller = sample_state(1);
+    smaller.write_to_slot(&slot).unwrap();
+    assert_eq!(MachineState::from_slot(&slot).unwrap(), smaller);
+    // A record larger than the slot is refused with EFBIG.
+    let tiny = rustix::fs::memfd_create("tiny", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&tiny, 64).unwrap();
+    let error = state.write_to_slot(&tiny).unwrap_err();
+    assert_eq!(error.errno(), libc::EFBIG);
+    // A corrupt declared length is bounded before anything is allocated.
+    let mut record = encode(&state);
+    record[16..24].copy_from_slice(&(MAX_BODY_BYTES + 1).to_le_bytes());
+    rustix::io::pwrite(&slot, &record, 0).unwrap();
+    assert!(matches!(
+        MachineState::from_slot(&slot),
+        Err(crate::VmmError::State(StateFormatError::BodyTooLong { .. }))
+    ));
+}
