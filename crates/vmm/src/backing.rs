@@ -99,8 +99,8 @@ impl Backing {
         let (service, events) = if file.backend() == Backend::Kvm {
             (None, None)
         } else {
-            let (service, events) = FaultService::start([Arc::clone(&file)])
-                .map_err(service_error)?;
+            let (service, events) =
+                FaultService::start([Arc::clone(&file)]).map_err(service_error)?;
             (Some(service), Some(events))
         };
         let ram = GmemRam::new(Arc::clone(&file))?;

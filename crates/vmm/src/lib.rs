@@ -16,6 +16,7 @@ pub mod layout;
 pub mod machine;
 pub mod measure;
 pub mod memory;
+pub mod parked;
 pub mod prefault;
 pub mod state;
 pub mod time;
