@@ -12,6 +12,7 @@
 pub mod backing;
 pub mod error;
 pub mod guest;
+pub mod host_cpus;
 pub mod layout;
 pub mod machine;
 pub mod measure;

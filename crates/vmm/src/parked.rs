@@ -115,3 +115,52 @@ fn serve_for_stuck(
     );
     result
 }
+
+/// [`stop_frozen`] for the workload on host threads (no KVM): a thread
+/// blocked in a parked fault cannot be interrupted at all (the kernel
+/// retries a user fault after any signal), so every parked thread takes the
+/// explicit step 2.
+///
+/// # Errors
+/// The threads still blocked after their faults were served, given back
+/// with their indices; the file is frozen again either way.
+pub fn stop_threads_frozen(
+    cpus: crate::host_cpus::HostCpus,
+    backing: &Backing,
+    kick_wait: Duration,
+    served_wait: Duration,
+) -> Result<ParkedStep, (crate::host_cpus::HostCpus, Vec<u32>)> {
+    let mut step = ParkedStep {
+        parked_at_kick: backing.fault_counters().parked_now,
+        ..ParkedStep::default()
+    };
+    // Threads blocked in parked faults never stop by themselves: as soon as
+    // every thread still running is matched by a parked fault, go on.
+    let parked_now = || backing.fault_counters().parked_now as usize;
+    match cpus.stop_unless(kick_wait, |running| running <= parked_now()) {
+        Ok(()) => {}
+        Err((cpus, stuck)) => {
+            let started = Instant::now();
+            step.stuck_vcpus = stuck;
+            let file = backing.file();
+            let before = backing.fault_counters().served_after_unfreeze;
+            tracing::warn!(
+                threads = ?step.stuck_vcpus,
+                "host threads blocked in parked faults: unfreezing the guest memory to serve them, then freezing it again"
+            );
+            let was_frozen = file.freeze(false);
+            let result = cpus.stop(served_wait);
+            if was_frozen {
+                file.freeze(true);
+            }
+            step.served_for_stuck = backing
+                .fault_counters()
+                .served_after_unfreeze
+                .saturating_sub(before);
+            step.step = started.elapsed();
+            result?;
+        }
+    }
+    step.interrupted = backing.fault_counters().parked_now;
+    Ok(step)
+}
