@@ -14,6 +14,7 @@ pub mod error;
 pub mod guest;
 pub mod host_cpus;
 pub mod layout;
+pub mod live;
 pub mod machine;
 pub mod measure;
 pub mod memory;

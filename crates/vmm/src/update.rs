@@ -337,7 +337,7 @@ fn retire(old: Machine) {
 }
 
 /// Spins (with short sleeps) until some vCPU of `running` entered the guest.
-fn wait_first_entry(running: &RunningMachine, timeout: Duration) -> Instant {
+pub(crate) fn wait_first_entry(running: &RunningMachine, timeout: Duration) -> Instant {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(first) = running.first_entries().into_iter().flatten().min() {
