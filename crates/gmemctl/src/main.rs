@@ -1,6 +1,7 @@
 //! `gmemctl`: the gmem-lu command-line tool. One module per subcommand, so
 //! each can grow without touching the others.
 
+mod demo;
 mod inspect;
 mod sessions;
 
@@ -20,11 +21,18 @@ enum Command {
     Sessions(sessions::Arguments),
     /// Decode a handover record for a human.
     Inspect(inspect::Arguments),
+    /// Run a guest and live-update its monitor under it, in every mode.
+    Demo(demo::Arguments),
+    /// One VMM process of a demo run (started by `demo` and its VMMs).
+    #[command(hide = true)]
+    Vmm(vmm::live::VmmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Sessions(arguments) => sessions::run(arguments),
         Command::Inspect(arguments) => inspect::run(arguments),
+        Command::Demo(arguments) => demo::run(arguments),
+        Command::Vmm(arguments) => demo::vmm_process(&arguments),
     }
 }
