@@ -49,6 +49,14 @@ pub struct Arguments {
     /// How long each successor watches the guest's recovery (ms).
     #[arg(long, default_value_t = 1000)]
     recovery_window_ms: u64,
+    /// Allocate all guest memory before the boot, so the guest runs on fully
+    /// populated memory (no first touches, nothing parks).
+    #[arg(long)]
+    prefill: bool,
+    /// Let the guest run frozen before each stop until its vCPUs park in
+    /// faults, for at most this many ms (shows the parked-vCPU step).
+    #[arg(long, default_value_t = 0)]
+    frozen_hold_ms: u64,
     /// Print the report as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -127,6 +135,8 @@ pub fn run(arguments: Arguments) -> anyhow::Result<()> {
         program,
         leading: vec!["vmm".into()],
         host_threads: no_kvm.is_some(),
+        prefill: arguments.prefill,
+        frozen_hold_ms: arguments.frozen_hold_ms,
     };
     describe_start(&config);
     let mut display = Display::new();
@@ -289,7 +299,7 @@ fn print_summary(report: &DemoReport) {
     );
     print!("{}", report.table());
     println!(
-        "host blk: last vCPU stop to first vCPU entry; guest gap: the longest gap the guest's own loop saw (TSC); recovery: until the guest runs at 90% of its former rate; start->fin: successor start (or exec) to finish; parked: faults parked in the old + the new VMM"
+        "host blk: last vCPU stop to first vCPU entry; guest gap: the longest gap the guest's own loop saw (TSC); recovery: until the guest runs at 90% of its former rate; start->fin: successor start (or exec) to finish; parked: faults parked in the old VMM while frozen; served: of those, pages present in the successor afterwards; unserved: must be 0"
     );
     if let Some(done) = &report.final_check {
         let verified: u64 = done.guest.iter().map(|vcpu| vcpu.final_verified).sum();

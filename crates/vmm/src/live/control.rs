@@ -27,6 +27,13 @@ use super::{Mode, UpdateRequest};
 pub enum Command {
     /// Live-update into a successor.
     Update(UpdateRequest),
+    /// Say which of these pages (file page indices) are missing from the
+    /// guest memory file ([`Event::Present`]): the controller checks that
+    /// every fault parked in an update's old process was served.
+    CheckPresent {
+        /// The pages.
+        pages: Vec<u64>,
+    },
     /// Ask the guest for its final self-check, check every page from the
     /// host, report ([`Event::Final`]) and exit.
     Finish,
@@ -68,6 +75,13 @@ pub enum Event {
         /// Whether the guest memory file is frozen now (false after an
         /// abort: the session was closed, which unfroze it).
         frozen: bool,
+    },
+    /// The answer to [`Command::CheckPresent`].
+    Present {
+        /// Pages asked about.
+        checked: u64,
+        /// Those missing from the file.
+        missing: Vec<u64>,
     },
     /// The final check, after [`Command::Finish`].
     Final(Box<FinalReport>),

@@ -64,6 +64,10 @@ pub struct DemoConfig {
     pub injections: Vec<(u32, Injection)>,
     /// Run the workload on host threads instead of KVM vCPUs.
     pub host_threads: bool,
+    /// Allocate all guest memory before the boot.
+    pub prefill: bool,
+    /// How long each update lets the guest run frozen before the stop (ms).
+    pub frozen_hold_ms: u64,
     /// The VMM executable.
     pub program: PathBuf,
     /// Its arguments before the VMM arguments (a subcommand).
@@ -134,12 +138,22 @@ pub struct Derived {
     pub pages_verified: u64,
     /// Guest-reported mismatches (pages and vector registers) since then.
     pub mismatches: u64,
-    /// Faults parked in both processes.
+    /// Faults parked in the old process while its memory was frozen.
     pub faults_parked: u64,
-    /// Parked faults served.
+    /// Of those, the ones whose page exists in the successor after its
+    /// window (served there after the vCPU repeated the access, or by the
+    /// explicit step in the old process).
     pub faults_served: u64,
-    /// Faults still parked in the successor after its window.
+    /// Faults parked in the successor before its finish (the repeated
+    /// accesses, new first touches); all are served at the finish.
+    pub successor_parked: u64,
+    /// Faults never served: old parked pages still missing, plus faults
+    /// still parked in the successor after its window.
     pub faults_unserved: u64,
+    /// Pages of faults parked in the old process, checked in the successor.
+    pub parked_pages_checked: u64,
+    /// Those still missing there: faults never served.
+    pub parked_pages_missing: Vec<u64>,
 }
 
 /// One update's row.
@@ -260,6 +274,7 @@ struct Run<'a> {
     listener: UnixListener,
     control: PathBuf,
     current: Option<VmmConnection>,
+    current_pid: u32,
     pids: Vec<u32>,
     report: DemoReport,
     last_progress: Progress,
@@ -300,6 +315,7 @@ pub fn run_demo(
         listener,
         control,
         current: None,
+        current_pid: 0,
         pids: Vec::new(),
         report: DemoReport {
             size: config.size,
@@ -343,6 +359,7 @@ impl Run<'_> {
                 luod_socket: luod.clone(),
                 run_dir: run_dir.to_path_buf(),
                 recovery_window_ms: self.config.recovery_window.as_millis() as u64,
+                frozen_hold_ms: self.config.frozen_hold_ms,
                 inject: self
                     .config
                     .injections
@@ -350,7 +367,10 @@ impl Run<'_> {
                     .find(|(number, _)| *number == update)
                     .map(|(_, injection)| *injection),
             };
-            let row = self.update(request)?;
+            let mut row = self.update(request)?;
+            if matches!(row.outcome, Outcome::Completed) {
+                self.check_parked_pages(&mut row)?;
+            }
             let stop = matches!(row.outcome, Outcome::Failed { .. });
             (self.observer)(DemoEvent::UpdateEnded(&row));
             self.report.updates.push(row);
@@ -367,6 +387,9 @@ impl Run<'_> {
         let mut arguments = self.config.leading.clone();
         if self.config.host_threads {
             arguments.push("--host-threads".into());
+        }
+        if self.config.prefill {
+            arguments.push("--prefill".into());
         }
         let extra: [OsString; 10] = [
             "--control".into(),
@@ -449,6 +472,7 @@ impl Run<'_> {
     }
 
     fn note_hello(&mut self, generation: u32, pid: u32) {
+        self.current_pid = pid;
         if !self.pids.contains(&pid) {
             self.pids.push(pid);
         }
@@ -493,6 +517,8 @@ impl Run<'_> {
         let Some(mut current) = self.current.take() else {
             return Err("no VMM runs the guest".into());
         };
+        let old_pid = self.current_pid;
+        let fds_before = open_fds(old_pid);
         current
             .send(&ControlCommand::Update(request.clone()))
             .map_err(|error| format!("sending update {}: {error}", request.update))?;
@@ -518,6 +544,13 @@ impl Run<'_> {
                     })) => {
                         row.outcome = if guest_running {
                             self.current = Some(current);
+                            let fds_after = open_fds(old_pid);
+                            if fds_after != fds_before {
+                                self.report.problems.push(format!(
+                                    "update {}: the aborted VMM holds {fds_after:?} fds, {fds_before:?} before",
+                                    request.update
+                                ));
+                            }
                             Outcome::Aborted { error, frozen }
                         } else {
                             Outcome::Failed { error }
@@ -568,6 +601,42 @@ impl Run<'_> {
                     error: format!("update {} did not complete in {budget:?}", request.update),
                 };
                 return Ok(row);
+            }
+        }
+    }
+
+    /// Asks the successor whether every page that parked in the old
+    /// process exists now.
+    fn check_parked_pages(&mut self, row: &mut UpdateRow) -> Result<(), String> {
+        let pages = row
+            .old
+            .as_ref()
+            .map(|old| old.parked_pages.clone())
+            .unwrap_or_default();
+        let Some(current) = self.current.as_mut() else {
+            return Err("no VMM runs the guest".into());
+        };
+        current
+            .send(&ControlCommand::CheckPresent { pages })
+            .map_err(|error| format!("asking for the parked pages: {error}"))?;
+        let deadline = Instant::now() + HELLO_TIMEOUT;
+        loop {
+            match current.receive(Duration::from_millis(20)) {
+                Ok(Some(Event::Present { checked, missing })) => {
+                    let derived = &mut row.derived;
+                    derived.parked_pages_checked = checked;
+                    derived.faults_served = checked.saturating_sub(missing.len() as u64);
+                    derived.faults_unserved += missing.len() as u64;
+                    derived.parked_pages_missing = missing;
+                    return Ok(());
+                }
+                Ok(Some(Event::Progress(progress))) => self.last_progress = progress,
+                Ok(Some(Event::Fatal { error })) => return Err(error),
+                Ok(Some(_)) | Ok(None) => {}
+                Err(error) => return Err(format!("the VMM went away: {error}")),
+            }
+            if Instant::now() >= deadline {
+                return Err("no answer about the parked pages".into());
             }
         }
     }
@@ -680,6 +749,12 @@ impl Run<'_> {
                 if new.guest_gaps_ns.iter().any(Option::is_none) || new.guest_gaps_ns.is_empty() {
                     problems.push(format!("{name}: the guest's gap measurement is missing"));
                 }
+                if !row.derived.parked_pages_missing.is_empty() {
+                    problems.push(format!(
+                        "{name}: pages {:?} parked in the old VMM were never allocated",
+                        row.derived.parked_pages_missing
+                    ));
+                }
                 if row.derived.faults_unserved > 0 {
                     problems.push(format!(
                         "{name}: {} faults were never served",
@@ -773,9 +848,10 @@ fn derive(row: &UpdateRow, before: &Progress) -> Derived {
         pages_verified: after.pages_verified.saturating_sub(before.pages_verified),
         mismatches: (after.mismatches + after.register_mismatches)
             .saturating_sub(before.mismatches + before.register_mismatches),
-        faults_parked: old.faults_parked_before_stop + new.faults_parked_before_finish,
-        faults_served: old.parked.served_for_stuck + new.faults.served_after_unfreeze,
+        faults_parked: old.faults_parked_before_stop,
+        successor_parked: new.faults_parked_before_finish,
         faults_unserved: new.faults.parked_now,
+        ..Derived::default()
     }
 }
 
@@ -861,6 +937,7 @@ impl DemoReport {
                 derived.mismatches.to_string(),
                 derived.faults_parked.to_string(),
                 derived.faults_served.to_string(),
+                derived.faults_unserved.to_string(),
             ];
             out.push_str(&line(&cells));
             out.push('\n');

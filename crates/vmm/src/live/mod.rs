@@ -105,6 +105,12 @@ pub struct UpdateRequest {
     /// How long the successor watches the guest after the resume to
     /// measure its recovery, in milliseconds.
     pub recovery_window_ms: u64,
+    /// At most how long the guest runs on with its memory frozen
+    /// (preserved) before the vCPUs are stopped, in milliseconds (a VMM's
+    /// own work between preserve and stop); it ends early once every vCPU
+    /// is parked in a fault. A guest that touches new pages meanwhile has
+    /// its vCPUs parked at the stop.
+    pub frozen_hold_ms: u64,
     /// A fault to inject (tests).
     pub inject: Option<Injection>,
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use fault_service::FaultEvent;
 use liveupdate::luod::LuodClient;
 use liveupdate::transport::transfer::{TransferLink, TransferListener};
 use liveupdate::{HandlerRegistry, LiveUpdate, Session};
@@ -74,8 +75,10 @@ enum Stopped {
 #[derive(Default)]
 struct Clock {
     side: OldSide,
-    /// The fault service's `parked` counter when the file froze.
+    /// The fault service's `parked` counter just before the file froze.
     parked_at_freeze: u64,
+    /// How long to run frozen before the stop.
+    frozen_hold: Duration,
 }
 
 /// The handlers this crate hands over: gmem files and memfds.
@@ -96,6 +99,11 @@ pub(crate) fn update(
     clock.side.mode = request.mode;
     clock.side.generation = vm.generation;
     clock.side.requested_ns = instant_ns(requested);
+    clock.frozen_hold = Duration::from_millis(request.frozen_hold_ms);
+    // Baselines taken before the preserve: a fault can park as soon as the
+    // gmem handler has frozen the file, before the preserve returns.
+    clock.parked_at_freeze = vm.backing.fault_counters().parked;
+    let _ = vm.backing.drain_fault_events();
     let preserved = match preserve(vm, request) {
         Ok(preserved) => preserved,
         Err(error) => {
@@ -106,7 +114,6 @@ pub(crate) fn update(
         }
     };
     let frozen_at = Instant::now();
-    clock.parked_at_freeze = vm.backing.fault_counters().parked;
     clock.side.frozen_ns = instant_ns(frozen_at);
     clock.side.phases.preserve = frozen_at - requested;
     let result = match request.mode {
@@ -193,6 +200,13 @@ fn stop_and_save(vm: &mut LiveVm, preserved: &Preserved, clock: &mut Clock) -> S
     let Some(cpus) = vm.cpus.take() else {
         return Err(("no running guest to update".into(), None));
     };
+    // The frozen hold ends early once every vCPU is parked in a fault.
+    let hold_until = Instant::now() + clock.frozen_hold;
+    while Instant::now() < hold_until
+        && vm.backing.fault_counters().parked_now < u64::from(vm.layout.vcpus())
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     clock.side.faults_parked_before_stop = vm
         .backing
         .fault_counters()
@@ -310,8 +324,40 @@ fn spawn(
         .spawn()
 }
 
+/// The pages of the faults parked since the freeze, from the fault
+/// service's events. An event is sent just after its fault is counted, so
+/// wait (briefly) until there are as many as the counter says.
+fn collect_parked_pages(vm: &LiveVm, clock: &mut Clock) {
+    const EVENT_LAG: Duration = Duration::from_millis(20);
+    let expected = vm
+        .backing
+        .fault_counters()
+        .parked
+        .saturating_sub(clock.parked_at_freeze) as usize;
+    let deadline = Instant::now() + EVENT_LAG;
+    loop {
+        clock
+            .side
+            .parked_pages
+            .extend(
+                vm.backing
+                    .drain_fault_events()
+                    .into_iter()
+                    .filter_map(|event| match event {
+                        FaultEvent::Parked { index, .. } => Some(index.0),
+                        _ => None,
+                    }),
+            );
+        if clock.side.parked_pages.len() >= expected || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 /// Tells the controller the old side is done.
-fn report_old_side(link: &mut ControlLink, clock: &Clock) {
+fn report_old_side(link: &mut ControlLink, vm: &LiveVm, clock: &mut Clock) {
+    collect_parked_pages(vm, clock);
     if let Err(error) = link.send(&Event::OldSide(Box::new(clock.side.clone()))) {
         tracing::warn!(%error, "cannot report the old side to the controller");
     }
@@ -344,7 +390,7 @@ fn exec(
     let arguments: Vec<&std::ffi::OsStr> = arguments.iter().map(OsString::as_os_str).collect();
     let program = successor_program(launcher, request);
     clock.side.successor_started_ns = crate::time::monotonic_ns();
-    report_old_side(link, clock);
+    report_old_side(link, vm, clock);
     // Returns only if the exec failed (the handover is then aborted).
     let error =
         liveupdate::transport::exec::exec_in_place(&preserved.live_update, &program, &arguments);
@@ -403,7 +449,7 @@ fn transfer(
         return Err((format!("the switch: {error}"), Some(saved)));
     }
     clock.side.phases.handover = switching.elapsed();
-    report_old_side(link, clock);
+    report_old_side(link, vm, clock);
     // The successor is this process's child until it exits; the controller
     // (a child subreaper) inherits it.
     drop(child);
@@ -476,7 +522,7 @@ fn luod(
     clock.side.phases.handover = depositing.elapsed();
     match spawned {
         Ok(child) => {
-            report_old_side(link, clock);
+            report_old_side(link, vm, clock);
             drop(child);
             retire_and_exit(saved)
         }

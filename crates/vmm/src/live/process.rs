@@ -111,6 +111,10 @@ pub struct VmmArgs {
     /// Run the workload on host threads instead of KVM vCPUs.
     #[arg(long)]
     pub host_threads: bool,
+    /// Allocate all guest memory before the boot (boot): the guest then
+    /// runs on fully populated memory, as the benchmarks want.
+    #[arg(long)]
+    pub prefill: bool,
     /// Exit after accepting the offer, before the switch (tests).
     #[arg(long)]
     pub die_before_switch: bool,
@@ -143,12 +147,7 @@ impl Launcher {
 pub fn run(args: &VmmArgs, launcher: &Launcher) -> i32 {
     let started_ns = crate::time::monotonic_ns();
     let (vm, new_side) = match args.role {
-        Role::Boot => match LiveVm::boot(
-            args.size,
-            args.vcpus,
-            args.backend.into(),
-            args.host_threads,
-        ) {
+        Role::Boot => match LiveVm::boot(args) {
             Ok(vm) => (vm, None),
             Err(error) => return fatal(args, &format!("booting the guest: {error}")),
         },
@@ -207,6 +206,21 @@ fn serve(mut vm: LiveVm, mut link: ControlLink, launcher: &Launcher) -> i32 {
                     frozen: vm.backing.file().is_frozen(),
                 };
                 if link.send(&event).is_err() || !failed.guest_running {
+                    return 1;
+                }
+            }
+            Ok(Polled::Command(Command::CheckPresent { pages })) => {
+                let file = vm.backing.file();
+                let missing = pages
+                    .iter()
+                    .copied()
+                    .filter(|page| !file.is_present(gmem::PageIndex(*page)))
+                    .collect();
+                let event = Event::Present {
+                    checked: pages.len() as u64,
+                    missing,
+                };
+                if link.send(&event).is_err() {
                     return 1;
                 }
             }

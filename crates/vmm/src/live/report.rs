@@ -123,6 +123,9 @@ pub struct OldSide {
     pub parked: ParkedStep,
     /// Faults parked while the file was frozen, before the stop.
     pub faults_parked_before_stop: u64,
+    /// The pages (file page indices) of those faults: each must exist in
+    /// the successor once it has finished.
+    pub parked_pages: Vec<u64>,
     /// Bytes of the vCPU state record.
     pub state_bytes: usize,
     /// The guest's counters at the stop (without the populated count).

@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gmem::Backend;
+use gmem::{Backend, FallocMode};
+
+use super::process::VmmArgs;
 
 use super::report::{FinalReport, Progress};
 use crate::backing::Backing;
@@ -77,14 +79,20 @@ impl LiveVm {
     ///
     /// # Errors
     /// Those of [`Backing::create`], [`Machine::create`], [`Machine::boot`]
-    /// and [`Machine::start`], or [`HostCpus::start`].
-    pub(crate) fn boot(
-        size: u64,
-        vcpus: u32,
-        backend: Backend,
-        host_threads: bool,
-    ) -> Result<Self> {
-        let backing = Backing::create(size, backend)?;
+    /// and [`Machine::start`], or [`HostCpus::start`]; ENOMEM/ENOSPC from
+    /// the prefill.
+    pub(crate) fn boot(args: &VmmArgs) -> Result<Self> {
+        let (size, vcpus, host_threads) = (args.size, args.vcpus, args.host_threads);
+        let backing = Backing::create(size, Backend::from(args.backend))?;
+        if args.prefill {
+            backing
+                .file()
+                .fallocate(FallocMode::ALLOCATE, 0, size as i64)
+                .map_err(|error| VmmError::MemoryFile {
+                    operation: "allocate all guest memory (--prefill)",
+                    errno: error.errno(),
+                })?;
+        }
         let memory = Arc::clone(backing.memory());
         let (cpus, layout, tsc_khz) = if host_threads {
             let layout = GuestLayout::new(size, vcpus)?;
