@@ -735,7 +735,18 @@ impl ArmedVcpus {
                 let _ = commands.send(Command::Run);
             }
         }
-        Ok(self.running)
+        Ok(std::mem::replace(&mut self.running, RunningVcpus::empty()))
+    }
+}
+
+impl Drop for ArmedVcpus {
+    /// Dropped without running (a successor that gives up its prebuilt
+    /// machine): release the waiting threads and join them, so that
+    /// nothing they hold (the exit handler, the vCPU fds) outlives this.
+    fn drop(&mut self) {
+        if !self.running.joined && !self.running.threads.is_empty() {
+            self.running.abort();
+        }
     }
 }
 

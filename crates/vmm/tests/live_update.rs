@@ -29,6 +29,16 @@ fn config(modes: Vec<Mode>, updates: u32) -> DemoConfig {
     }
 }
 
+/// The tests of this file run one at a time: each counts this process's
+/// fds before and after its run, which another run would disturb.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -41,6 +51,7 @@ fn run(config: &DemoConfig) -> DemoReport {
 
 #[test]
 fn a_guest_survives_live_updates_in_every_mode() {
+    let _serial = serial();
     if !common::kvm_available("a_guest_survives_live_updates_in_every_mode") {
         return;
     }
@@ -53,6 +64,7 @@ fn a_guest_survives_live_updates_in_every_mode() {
 
 #[test]
 fn without_kvm_the_workload_runs_on_host_threads_and_survives_updates() {
+    let _serial = serial();
     let fds_before = open_fds();
     let config = DemoConfig {
         host_threads: true,
@@ -69,6 +81,7 @@ fn without_kvm_the_workload_runs_on_host_threads_and_survives_updates() {
 
 #[test]
 fn vcpus_parked_on_frozen_faults_at_the_stop_are_served_and_counted_in_every_mode() {
+    let _serial = serial();
     let test = "vcpus_parked_on_frozen_faults_at_the_stop_are_served_and_counted_in_every_mode";
     if !common::kvm_available(test) {
         return;
@@ -108,6 +121,7 @@ fn vcpus_parked_on_frozen_faults_at_the_stop_are_served_and_counted_in_every_mod
 
 #[test]
 fn updates_aborted_after_the_freeze_leave_the_guest_running_unfrozen() {
+    let _serial = serial();
     let test = "updates_aborted_after_the_freeze_leave_the_guest_running_unfrozen";
     if !common::kvm_available(test) {
         return;
@@ -141,4 +155,42 @@ fn updates_aborted_after_the_freeze_leave_the_guest_running_unfrozen() {
             .iter()
             .all(|vcpu| vcpu.done && vcpu.mismatches == 0)
     );
+}
+
+#[test]
+fn host_threads_parked_at_the_stop_take_the_explicit_step_in_every_mode() {
+    let _serial = serial();
+    // A host thread blocked in a fault cannot be interrupted: each update
+    // finds the threads parked (the guest still populates 1 GiB and runs
+    // frozen until they park), serves their faults by the explicit
+    // unfreeze-serve-refreeze step, and a transfer successor rebuilds its
+    // stale copy of the page index at the switch.
+    let config = DemoConfig {
+        size: 1 << 30,
+        host_threads: true,
+        frozen_hold_ms: 500,
+        interval: Duration::from_millis(150),
+        recovery_window: Duration::from_millis(150),
+        ..config(vec![Mode::Exec, Mode::Transfer, Mode::Luod], 3)
+    };
+    let report = run(&config);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    for row in &report.updates {
+        let old = row.old.as_ref().expect("old side");
+        assert!(
+            !old.parked.stuck_vcpus.is_empty(),
+            "update {}: {:?}",
+            row.update,
+            old.parked
+        );
+        assert!(old.parked.served_for_stuck >= old.parked.stuck_vcpus.len() as u64);
+        assert!(
+            row.derived.parked_pages_missing.is_empty(),
+            "{:?}",
+            row.derived
+        );
+        if row.mode == Mode::Transfer {
+            assert!(row.new.as_ref().expect("new side").rebuilt_at_switch);
+        }
+    }
 }

@@ -47,6 +47,8 @@ pub enum Event {
     Hello {
         /// Its generation: 0 for the first, n + 1 for the successor of n.
         generation: u32,
+        /// The update that started it (0 for the first VMM).
+        update: u32,
         /// Its pid.
         pid: u32,
         /// Whether the guest runs in KVM (false: on host threads).
@@ -87,6 +89,8 @@ pub enum Event {
     Final(Box<FinalReport>),
     /// The VMM hit an error it cannot recover from and exits.
     Fatal {
+        /// The update that started the process (0 for the first VMM).
+        update: u32,
         /// What went wrong.
         error: String,
     },
@@ -270,6 +274,7 @@ mod tests {
         ));
         let hello = Event::Hello {
             generation: 1,
+            update: 1,
             pid: 7,
             kvm: true,
             backend: "memfd".into(),

@@ -138,7 +138,8 @@ pub struct Derived {
     pub pages_verified: u64,
     /// Guest-reported mismatches (pages and vector registers) since then.
     pub mismatches: u64,
-    /// Faults parked in the old process while its memory was frozen.
+    /// Faults parked in the old process while its memory was frozen (from
+    /// the preserve until its vCPUs stopped).
     pub faults_parked: u64,
     /// Of those, the ones whose page exists in the successor after its
     /// window (served there after the vCPU repeated the access, or by the
@@ -291,6 +292,13 @@ pub fn run_demo(
     config: &DemoConfig,
     observer: &mut dyn FnMut(DemoEvent<'_>),
 ) -> Result<DemoReport, String> {
+    // One run at a time per process: a run reaps its VMM processes with
+    // waitpid(-1) (orphaned successors are reparented to this process, so
+    // there is no other way), which would reap another run's too.
+    static ONE_RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_run = ONE_RUN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let directory =
         std::env::temp_dir().join(format!("gmem-lu-demo-{}-{}", std::process::id(), unique()));
     std::fs::create_dir_all(&directory)
@@ -460,7 +468,7 @@ impl Run<'_> {
                     self.note_hello(generation, pid);
                     return Ok(());
                 }
-                Ok(Some(Event::Fatal { error })) => return Err(error),
+                Ok(Some(Event::Fatal { error, .. })) => return Err(error),
                 Ok(Some(other)) => return Err(format!("expected a hello, got {other:?}")),
                 Ok(None) => {}
                 Err(error) => return Err(format!("a VMM went away before its hello: {error}")),
@@ -494,7 +502,7 @@ impl Run<'_> {
                     (self.observer)(DemoEvent::Progress(&progress));
                     self.last_progress = progress;
                 }
-                Ok(Some(Event::Fatal { error })) => return Err(error),
+                Ok(Some(Event::Fatal { error, .. })) => return Err(error),
                 Ok(Some(other)) => tracing::debug!(?other, "event while the guest runs"),
                 Ok(None) => {}
                 Err(error) => return Err(format!("the VMM went away: {error}")),
@@ -558,7 +566,7 @@ impl Run<'_> {
                         return Ok(row);
                     }
                     Ok(Some(Event::Progress(progress))) => self.last_progress = progress,
-                    Ok(Some(Event::Fatal { error })) => {
+                    Ok(Some(Event::Fatal { error, .. })) => {
                         row.outcome = Outcome::Failed { error };
                         return Ok(row);
                     }
@@ -571,6 +579,14 @@ impl Run<'_> {
             }
             if let Some(connection) = successor.as_mut() {
                 match connection.receive(TICK) {
+                    // A process of an earlier, aborted update (a transfer
+                    // successor that failed after its old VMM gave up).
+                    Ok(Some(Event::Hello { update, .. } | Event::Fatal { update, .. }))
+                        if update != request.update =>
+                    {
+                        tracing::warn!(update, "ignoring a VMM of an earlier update");
+                        successor = None;
+                    }
                     Ok(Some(Event::Hello {
                         generation, pid, ..
                     })) => self.note_hello(generation, pid),
@@ -583,7 +599,7 @@ impl Run<'_> {
                         }
                         return Ok(row);
                     }
-                    Ok(Some(Event::Fatal { error })) => {
+                    Ok(Some(Event::Fatal { error, .. })) => {
                         row.outcome = Outcome::Failed { error };
                         return Ok(row);
                     }
@@ -631,7 +647,7 @@ impl Run<'_> {
                     return Ok(());
                 }
                 Ok(Some(Event::Progress(progress))) => self.last_progress = progress,
-                Ok(Some(Event::Fatal { error })) => return Err(error),
+                Ok(Some(Event::Fatal { error, .. })) => return Err(error),
                 Ok(Some(_)) | Ok(None) => {}
                 Err(error) => return Err(format!("the VMM went away: {error}")),
             }
@@ -655,7 +671,7 @@ impl Run<'_> {
                     self.report.final_check = Some(*report);
                     return Ok(());
                 }
-                Ok(Some(Event::Fatal { error })) => return Err(error),
+                Ok(Some(Event::Fatal { error, .. })) => return Err(error),
                 Ok(Some(_)) | Ok(None) => {}
                 Err(error) => {
                     return Err(format!("the VMM went away during the final check: {error}"));
@@ -848,7 +864,7 @@ fn derive(row: &UpdateRow, before: &Progress) -> Derived {
         pages_verified: after.pages_verified.saturating_sub(before.pages_verified),
         mismatches: (after.mismatches + after.register_mismatches)
             .saturating_sub(before.mismatches + before.register_mismatches),
-        faults_parked: old.faults_parked_before_stop,
+        faults_parked: old.parked_pages.len() as u64,
         successor_parked: new.faults_parked_before_finish,
         faults_unserved: new.faults.parked_now,
         ..Derived::default()

@@ -31,7 +31,7 @@ use liveupdate::luod::LuodClient;
 use liveupdate::transport::transfer::{Offer, TransferSuccessor};
 use liveupdate::{Incoming, IncomingSession};
 
-use super::old::registry;
+use super::old::{INDEX_CHANGED, registry};
 use super::process::{Role, VmmArgs};
 use super::report::NewSide;
 use super::vm::{Cpus, LiveVm, monitor_for};
@@ -334,6 +334,22 @@ fn transfer(args: &VmmArgs, side: &mut NewSide) -> Result<(IncomingSession, Buil
     let mut session = incoming
         .retrieve_session(&args.session)
         .map_err(|error| format!("retrieving session {}: {error}", args.session))?;
+    if switched.payload == INDEX_CHANGED {
+        // The old VMM served parked faults after the offer: the object built
+        // from the offer is stale. Drop it (and the VM over its mapping) so
+        // that the retrieve rebuilds it from the final record, then build
+        // again, inside the blackout.
+        tracing::warn!("the page index changed after the offer; rebuilding at the switch");
+        side.rebuilt_at_switch = true;
+        drop(built);
+        drop(file);
+        let retrieved = retrieve_memory(&mut session)?;
+        let now = Instant::now();
+        side.retrieved_ns = instant_ns(now);
+        side.phases.retrieve = now - started;
+        let built = build(args, retrieved, false, side)?;
+        return Ok((session, built));
+    }
     let retrieved = retrieve_memory(&mut session)?;
     if !Arc::ptr_eq(&retrieved, &file) {
         return Err("the retrieved guest memory file is not the one built ahead".into());

@@ -36,6 +36,10 @@ use crate::state::MachineState;
 use crate::time::instant_ns;
 use crate::vcpu::ExitHandler;
 
+/// The transfer switch payload saying that the memory file's page index
+/// changed after the offer (the parked step served faults).
+pub(crate) const INDEX_CHANGED: &[u8] = b"gmem-lu: page index changed since the offer";
+
 /// How long the kick waits before a vCPU counts as stuck in a fault.
 const KICK_WAIT: Duration = Duration::from_millis(50);
 /// How long a stuck vCPU may take to stop once its fault is served.
@@ -443,8 +447,17 @@ fn transfer(
         .map_err(running_failure("waiting for the successor to build its VM"))?;
     clock.side.phases.successor_build = building.elapsed();
     let saved = stop_and_save(vm, preserved, clock)?;
+    // The explicit parked step allocates pages after the offer; the
+    // successor's file object, rebuilt from the offer, then no longer
+    // matches the file and must be rebuilt at the switch: say so in the
+    // switch payload (the only thing that crosses besides the delta).
+    let payload: &[u8] = if clock.side.parked.served_for_stuck > 0 {
+        INDEX_CHANGED
+    } else {
+        &[]
+    };
     let switching = Instant::now();
-    if let Err(error) = transfer_link.switch(&preserved.live_update, &[]) {
+    if let Err(error) = transfer_link.switch(&preserved.live_update, payload) {
         let _ = child.wait();
         return Err((format!("the switch: {error}"), Some(saved)));
     }

@@ -165,6 +165,7 @@ pub fn run(args: &VmmArgs, launcher: &Launcher) -> i32 {
     };
     let hello = Event::Hello {
         generation: vm.generation,
+        update: args.update,
         pid: std::process::id(),
         kvm: vm.in_kvm(),
         backend: vm.backing.file().backend().to_string(),
@@ -185,6 +186,7 @@ fn fatal(args: &VmmArgs, error: &str) -> i32 {
     tracing::error!(error, "the VMM process gives up");
     if let Ok(mut link) = ControlLink::connect(&args.control) {
         let _ = link.send(&Event::Fatal {
+            update: args.update,
             error: error.to_owned(),
         });
     }
@@ -228,6 +230,7 @@ fn serve(mut vm: LiveVm, mut link: ControlLink, launcher: &Launcher) -> i32 {
                 let event = match vm.finish() {
                     Ok(report) => Event::Final(Box::new(report)),
                     Err(error) => Event::Fatal {
+                        update: 0,
                         error: format!("the final check: {error}"),
                     },
                 };

@@ -178,6 +178,9 @@ pub struct NewSide {
     pub phases: NewPhases,
     /// Pages the prefault program touched.
     pub prefault_pages: u64,
+    /// Transfer: the memory file object built ahead was stale (the old VMM
+    /// served parked faults after the offer) and was rebuilt at the switch.
+    pub rebuilt_at_switch: bool,
     /// Per vCPU, the gap its own loop saw across the update, in ns (None:
     /// the probe caught nothing, which fails the demo).
     pub guest_gaps_ns: Vec<Option<u64>>,

@@ -21,7 +21,7 @@ use crate::guest::{
     GuestMonitor, GuestOptions, GuestReport, GuestSetup, check_pages, request_final_check,
 };
 use crate::host_cpus::HostCpus;
-use crate::layout::GuestLayout;
+use crate::layout::{DATA_BASE, GuestLayout};
 use crate::machine::{Machine, MachineConfig, RunningMachine};
 use crate::measure::TraceCollector;
 use crate::memory::GuestMemory;
@@ -84,15 +84,22 @@ impl LiveVm {
     pub(crate) fn boot(args: &VmmArgs) -> Result<Self> {
         let (size, vcpus, host_threads) = (args.size, args.vcpus, args.host_threads);
         let backing = Backing::create(size, Backend::from(args.backend))?;
-        if args.prefill {
-            backing
-                .file()
-                .fallocate(FallocMode::ALLOCATE, 0, size as i64)
-                .map_err(|error| VmmError::MemoryFile {
-                    operation: "allocate all guest memory (--prefill)",
-                    errno: error.errno(),
-                })?;
-        }
+        // The fixed area below the data pages (page tables, program,
+        // control blocks, stacks, trace rings) is the monitor's own layout:
+        // allocate it now, so that only the guest's data pages are ever
+        // first-touched (and parked) later.
+        let fixed = if args.prefill {
+            size
+        } else {
+            DATA_BASE.min(size)
+        };
+        backing
+            .file()
+            .fallocate(FallocMode::ALLOCATE, 0, fixed as i64)
+            .map_err(|error| VmmError::MemoryFile {
+                operation: "allocate the guest's fixed area",
+                errno: error.errno(),
+            })?;
         let memory = Arc::clone(backing.memory());
         let (cpus, layout, tsc_khz) = if host_threads {
             let layout = GuestLayout::new(size, vcpus)?;
