@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use vmm::live::controller::{DemoConfig, DemoEvent, DemoReport, Outcome, run_demo};
+use vmm::live::handler::HandlerChoice;
 use vmm::live::{BackendChoice, Injection, Mode};
 
 /// Arguments of `gmemctl demo`.
@@ -57,6 +58,11 @@ pub struct Arguments {
     /// faults, for at most this many ms (shows the parked-vCPU step).
     #[arg(long, default_value_t = 0)]
     frozen_hold_ms: u64,
+    /// The guest-memory file handler: cached (describes the file at
+    /// preserve, outside the blackout) or builtin (liveupdate's, which
+    /// walks the page index at the handover and at a transfer retrieve).
+    #[arg(long, value_enum, default_value_t = HandlerChoice::Cached)]
+    handler: HandlerChoice,
     /// Print the report as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -137,6 +143,7 @@ pub fn run(arguments: Arguments) -> anyhow::Result<()> {
         host_threads: no_kvm.is_some(),
         prefill: arguments.prefill,
         frozen_hold_ms: arguments.frozen_hold_ms,
+        handler: arguments.handler,
     };
     describe_start(&config);
     let mut display = Display::new();

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use vmm::live::controller::{DemoConfig, DemoReport, Outcome, run_demo};
+use vmm::live::handler::HandlerChoice;
 use vmm::live::{BackendChoice, Injection, Mode};
 
 fn config(modes: Vec<Mode>, updates: u32) -> DemoConfig {
@@ -24,6 +25,7 @@ fn config(modes: Vec<Mode>, updates: u32) -> DemoConfig {
         host_threads: false,
         prefill: false,
         frozen_hold_ms: 0,
+        handler: HandlerChoice::Cached,
         program: env!("CARGO_BIN_EXE_vmm-live").into(),
         leading: Vec::new(),
     }
@@ -66,8 +68,10 @@ fn a_guest_survives_live_updates_in_every_mode() {
 fn without_kvm_the_workload_runs_on_host_threads_and_survives_updates() {
     let _serial = serial();
     let fds_before = open_fds();
+    // With liveupdate's builtin gmem handler, for coverage of both.
     let config = DemoConfig {
         host_threads: true,
+        handler: HandlerChoice::Builtin,
         ..config(vec![Mode::Exec, Mode::Transfer, Mode::Luod], 3)
     };
     let report = run(&config);

@@ -68,6 +68,8 @@ pub struct DemoConfig {
     pub prefill: bool,
     /// How long each update lets the guest run frozen before the stop (ms).
     pub frozen_hold_ms: u64,
+    /// The guest-memory file handler of the updates.
+    pub handler: super::handler::HandlerChoice,
     /// The VMM executable.
     pub program: PathBuf,
     /// Its arguments before the VMM arguments (a subcommand).
@@ -279,8 +281,9 @@ impl HugePool {
         };
         let previous = read()?;
         let wanted = previous + bytes.div_ceil(2 << 20);
-        std::fs::write(NR_HUGEPAGES, wanted.to_string())
-            .map_err(|error| format!("reserving huge pages in {NR_HUGEPAGES} (needs root): {error}"))?;
+        std::fs::write(NR_HUGEPAGES, wanted.to_string()).map_err(|error| {
+            format!("reserving huge pages in {NR_HUGEPAGES} (needs root): {error}")
+        })?;
         let pool = Self { previous };
         let got = read()?;
         if got < wanted {
@@ -413,6 +416,7 @@ impl Run<'_> {
                 run_dir: run_dir.to_path_buf(),
                 recovery_window_ms: self.config.recovery_window.as_millis() as u64,
                 frozen_hold_ms: self.config.frozen_hold_ms,
+                handler: self.config.handler,
                 inject: self
                     .config
                     .injections

@@ -39,6 +39,7 @@
 
 pub mod control;
 pub mod controller;
+pub mod handler;
 mod new;
 mod old;
 pub mod process;
@@ -111,6 +112,8 @@ pub struct UpdateRequest {
     /// is parked in a fault. A guest that touches new pages meanwhile has
     /// its vCPUs parked at the stop.
     pub frozen_hold_ms: u64,
+    /// Which guest-memory handler both ends use.
+    pub handler: handler::HandlerChoice,
     /// A fault to inject (tests).
     pub inject: Option<Injection>,
 }

@@ -31,7 +31,8 @@ use liveupdate::luod::LuodClient;
 use liveupdate::transport::transfer::{Offer, TransferSuccessor};
 use liveupdate::{Incoming, IncomingSession};
 
-use super::old::{INDEX_CHANGED, registry};
+use super::handler::note_built_ahead;
+use super::old::INDEX_CHANGED;
 use super::process::{Role, VmmArgs};
 use super::report::NewSide;
 use super::vm::{Cpus, LiveVm, monitor_for};
@@ -64,6 +65,13 @@ enum Target {
     Kvm(ArmedMachine),
     /// Host threads, started once the state is read.
     Threads,
+}
+
+/// The handlers this successor retrieves with: the ones its predecessor
+/// preserved with.
+fn registry(args: &VmmArgs) -> Result<liveupdate::HandlerRegistry, Failure> {
+    super::handler::registry(args.handler)
+        .map_err(|error| format!("registering the file handlers: {error}"))
 }
 
 /// The machine built over the retrieved memory, waiting for the state.
@@ -137,7 +145,7 @@ pub(crate) fn resume(args: &VmmArgs, started_ns: u64) -> Result<(LiveVm, NewSide
         Role::Exec => {
             side.mode = super::Mode::Exec;
             let started = Instant::now();
-            let incoming = liveupdate::transport::exec::incoming_from_environment(&registry())
+            let incoming = liveupdate::transport::exec::incoming_from_environment(&registry(args)?)
                 .map_err(|error| format!("taking the sessions from the exec handover: {error}"))?
                 .ok_or("this process was not started by an exec handover")?;
             retrieve_and_build(args, incoming, started, &mut side)?
@@ -152,7 +160,7 @@ pub(crate) fn resume(args: &VmmArgs, started_ns: u64) -> Result<(LiveVm, NewSide
             let client = LuodClient::connect(socket)
                 .map_err(|error| format!("connecting to luod: {error}"))?;
             let incoming = client
-                .retrieve(&args.session, &registry())
+                .retrieve(&args.session, &registry(args)?)
                 .map_err(|error| {
                     format!("retrieving session {} from luod: {error}", args.session)
                 })?;
@@ -327,7 +335,7 @@ fn transfer(args: &VmmArgs, side: &mut NewSide) -> Result<(IncomingSession, Buil
     let file = restore_from_offer(offer)?;
     let built = build(args, Arc::clone(&file), true, side)?;
     let switched = successor
-        .wait_for_switch(&registry())
+        .wait_for_switch(&registry(args)?)
         .map_err(|error| format!("waiting for the switch: {error}"))?;
     let started = Instant::now();
     let mut incoming = switched.incoming;
@@ -371,7 +379,9 @@ fn restore_from_offer(offer: &Offer) -> Result<Arc<GuestMemFile>, Failure> {
         .find(|(_, (_, file))| file.token == MEMORY_TOKEN)
         .map(|(position, (_, file))| (position, file))
         .ok_or("the offer holds no guest memory file")?;
-    if file.compatible.name() != GMEM_COMPATIBLE {
+    if file.compatible.name() != GMEM_COMPATIBLE
+        && file.compatible.name() != super::handler::COMPATIBLE
+    {
         return Err(format!(
             "the memory token was preserved by {}, not the gmem handler",
             file.compatible.name()
@@ -390,8 +400,10 @@ fn restore_from_offer(offer: &Offer) -> Result<Arc<GuestMemFile>, Failure> {
     let folios = data
         .folios()
         .map(|(page, order)| (PageIndex(page), FolioOrder(order)));
-    GuestMemFile::restore(fd, &descriptor, folios)
-        .map_err(|error| format!("rebuilding the guest memory file: {error}"))
+    let restored = GuestMemFile::restore(fd, &descriptor, folios)
+        .map_err(|error| format!("rebuilding the guest memory file: {error}"))?;
+    note_built_ahead(&restored, &file.data);
+    Ok(restored)
 }
 
 /// Step 8: watches the guest for `window`, then computes its gap and

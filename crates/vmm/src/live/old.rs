@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use fault_service::FaultEvent;
 use liveupdate::luod::LuodClient;
 use liveupdate::transport::transfer::{TransferLink, TransferListener};
-use liveupdate::{HandlerRegistry, LiveUpdate, Session};
+use liveupdate::{LiveUpdate, Session};
 
 use super::control::{ControlLink, Event};
 use super::process::{Launcher, Role};
@@ -83,11 +83,6 @@ struct Clock {
     parked_at_freeze: u64,
     /// How long to run frozen before the stop.
     frozen_hold: Duration,
-}
-
-/// The handlers this crate hands over: gmem files and memfds.
-pub(crate) fn registry() -> HandlerRegistry {
-    HandlerRegistry::with_builtin_handlers()
 }
 
 /// Runs one update; returns only on failure (see the module documentation).
@@ -178,7 +173,9 @@ fn running_failure<E: std::fmt::Display>(
 fn preserve(vm: &LiveVm, request: &UpdateRequest) -> Result<Preserved, String> {
     let slot = MachineState::new_slot(vm.layout.vcpus())
         .map_err(|error| format!("creating the state slot: {error}"))?;
-    let live_update = LiveUpdate::new(registry());
+    let registry = super::handler::registry(request.handler)
+        .map_err(|error| format!("registering the file handlers: {error}"))?;
+    let live_update = LiveUpdate::new(registry);
     let name = session_name(std::process::id(), request.update);
     let session = live_update
         .create_session(&name)
@@ -261,6 +258,10 @@ fn stop_and_save(vm: &mut LiveVm, preserved: &Preserved, clock: &mut Clock) -> S
             (Stopped::Threads, Instant::now(), written)
         }
     };
+    if clock.side.parked.served_for_stuck > 0 {
+        // The explicit step allocated pages while the file was preserved.
+        super::handler::note_index_changed(vm.backing.file());
+    }
     clock.side.kicked_ns = instant_ns(kicked);
     clock.side.last_stop_ns = instant_ns(last_stop);
     clock.side.phases.stop = last_stop.saturating_duration_since(kicked);
@@ -302,6 +303,14 @@ fn successor_arguments(
     if !vm.in_kvm() {
         arguments.push("--host-threads".into());
     }
+    arguments.push("--handler".into());
+    arguments.push(
+        match request.handler {
+            super::handler::HandlerChoice::Cached => "cached",
+            super::handler::HandlerChoice::Builtin => "builtin",
+        }
+        .into(),
+    );
     if request.inject == Some(Injection::SuccessorDiesBeforeSwitch) {
         arguments.push("--die-before-switch".into());
     }

@@ -115,6 +115,9 @@ pub struct VmmArgs {
     /// runs on fully populated memory, as the benchmarks want.
     #[arg(long)]
     pub prefill: bool,
+    /// The guest-memory file handler (the predecessor's choice).
+    #[arg(long, value_enum, default_value_t = super::handler::HandlerChoice::Cached)]
+    pub handler: super::handler::HandlerChoice,
     /// Exit after accepting the offer, before the switch (tests).
     #[arg(long)]
     pub die_before_switch: bool,
