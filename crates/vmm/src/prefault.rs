@@ -165,58 +165,72 @@ impl Machine {
     }
 
     fn map_scratch(&mut self) -> Result<()> {
-        if self.scratch.is_some() {
-            return Ok(());
+        if self.scratch.is_none() {
+            self.scratch = Some(add_scratch(&self.vm, &self.layout)?);
         }
-        // SAFETY: a fresh anonymous shared mapping at an address the kernel
-        // picks; Scratch::drop unmaps it.
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                SCRATCH_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(VmmError::MemoryFile {
-                operation: "mmap(prefault scratch)",
-                errno: std::io::Error::last_os_error()
-                    .raw_os_error()
-                    .unwrap_or(libc::ENOMEM),
-            });
-        }
-        let address = NonNull::new(address).ok_or(VmmError::MemoryFile {
-            operation: "mmap(prefault scratch)",
-            errno: libc::ENOMEM,
-        })?;
-        let scratch = Scratch { address };
-        // SAFETY: the program fits in the page just mapped, which nothing
-        // else refers to yet.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                PROGRAM.as_ptr(),
-                scratch.address.as_ptr().cast::<u8>(),
-                PROGRAM.len(),
-            );
-        }
-        let region = kvm_userspace_memory_region {
-            slot: SCRATCH_SLOT,
-            flags: 0,
-            guest_phys_addr: self.layout.doorbell() + SCRATCH_OFFSET,
-            memory_size: SCRATCH_BYTES as u64,
-            userspace_addr: scratch.address.as_ptr() as u64,
-        };
-        // SAFETY: the region is the scratch page, which lives in
-        // `self.scratch` until after the VM fd is closed (field order).
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|error| VmmError::kvm("KVM_SET_USER_MEMORY_REGION(prefault)", error))?;
-        self.scratch = Some(scratch);
-        const { assert!(PROGRAM.len() <= SCRATCH_BYTES) };
         Ok(())
     }
+}
+
+/// Maps the scratch page, writes the program into it and adds its memslot
+/// to `vm`. [`Machine::create`] calls this before it creates the irqchip,
+/// when adding a memslot is cheap on this machine's KVM.
+///
+/// # Errors
+/// - [`VmmError::MemoryFile`]: the page cannot be mapped (ENOMEM).
+/// - [`VmmError::Kvm`]: KVM refused the memslot.
+pub(crate) fn add_scratch(
+    vm: &kvm_ioctls::VmFd,
+    layout: &crate::layout::GuestLayout,
+) -> Result<Scratch> {
+    // SAFETY: a fresh anonymous shared mapping at an address the kernel
+    // picks; Scratch::drop unmaps it.
+    let address = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SCRATCH_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if address == libc::MAP_FAILED {
+        return Err(VmmError::MemoryFile {
+            operation: "mmap(prefault scratch)",
+            errno: std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::ENOMEM),
+        });
+    }
+    let address = NonNull::new(address).ok_or(VmmError::MemoryFile {
+        operation: "mmap(prefault scratch)",
+        errno: libc::ENOMEM,
+    })?;
+    let scratch = Scratch { address };
+    // SAFETY: the program fits in the page just mapped, which nothing
+    // else refers to yet.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            PROGRAM.as_ptr(),
+            scratch.address.as_ptr().cast::<u8>(),
+            PROGRAM.len(),
+        );
+    }
+    let region = kvm_userspace_memory_region {
+        slot: SCRATCH_SLOT,
+        flags: 0,
+        guest_phys_addr: layout.doorbell() + SCRATCH_OFFSET,
+        memory_size: SCRATCH_BYTES as u64,
+        userspace_addr: scratch.address.as_ptr() as u64,
+    };
+    // SAFETY: the region is the scratch page; the caller keeps the
+    // returned Scratch in the Machine, which closes the VM fd first
+    // (field order).
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|error| VmmError::kvm("KVM_SET_USER_MEMORY_REGION(prefault)", error))?;
+    const { assert!(PROGRAM.len() <= SCRATCH_BYTES) };
+    Ok(scratch)
 }
 
 /// Splits `ranges` into `parts` shares of about equal size, at `stride`

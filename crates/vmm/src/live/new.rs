@@ -40,7 +40,7 @@ use super::{MEMORY_TOKEN, STATE_TOKEN};
 use crate::backing::{Backing, pages_in};
 use crate::guest::{GuestMonitor, offsets, probed_gaps};
 use crate::host_cpus::{HostCpus, ThreadsRecord};
-use crate::layout::{DATA_BASE, GuestLayout, read_object};
+use crate::layout::{CODE_ADDRESS, CONTROL_BLOCK_BASE, GuestLayout, PAGE_SIZE, read_object};
 use crate::machine::{ArmedMachine, Machine, MachineConfig};
 use crate::measure::{TraceCollector, recovery};
 use crate::state::MachineState;
@@ -52,6 +52,11 @@ use crate::vcpu::ExitHandler;
 const RATE_BEFORE: Duration = Duration::from_millis(100);
 /// The window over which the guest's rate after the resume is compared.
 const RATE_WINDOW: Duration = Duration::from_millis(5);
+/// The warm-up range: control blocks, stacks and the program (allocated at
+/// the first boot with the rest of the fixed area, so always populated).
+const WARM_UP: std::ops::Range<u64> = CONTROL_BLOCK_BASE
+    ..(CODE_ADDRESS + crate::guest::PROGRAM.len() as u64).next_multiple_of(PAGE_SIZE);
+
 /// How often the trace rings are read during the recovery window.
 const TRACE_POLL: Duration = Duration::from_millis(50);
 
@@ -284,17 +289,16 @@ fn build(
     side.phases.build = machine.build_timings();
     if ahead {
         // Only populated pages may be touched: the file is frozen, and a
-        // touch of a hole would park this thread. The fixed low area alone
-        // (warm-up) also pays each vCPU's costly first KVM_RUN here.
+        // touch of a hole would park this thread. Without the prefault, the
+        // warm-up touches only what every vCPU uses at once (control
+        // blocks, stacks, the program), which also pays each vCPU's costly
+        // first KVM_RUN here rather than after the switch.
         let prefaulting = Instant::now();
-        let mut ranges = backing.populated_ranges();
-        if !args.prefault {
-            ranges = ranges
-                .into_iter()
-                .filter(|range| range.start < DATA_BASE)
-                .map(|range| range.start..range.end.min(DATA_BASE))
-                .collect();
-        }
+        let ranges = if args.prefault {
+            backing.populated_ranges()
+        } else {
+            vec![WARM_UP]
+        };
         machine
             .prefault(&ranges, memory.ram().page_size(), None)
             .map_err(|error| format!("prefaulting the new VM: {error}"))?;
