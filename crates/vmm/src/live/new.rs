@@ -43,6 +43,7 @@ use crate::host_cpus::{HostCpus, ThreadsRecord};
 use crate::layout::{CODE_ADDRESS, CONTROL_BLOCK_BASE, GuestLayout, PAGE_SIZE, read_object};
 use crate::machine::{ArmedMachine, Machine, MachineConfig};
 use crate::measure::{TraceCollector, recovery};
+use crate::memory::populate_mapping;
 use crate::state::MachineState;
 use crate::time::instant_ns;
 use crate::update::wait_first_entry;
@@ -299,6 +300,13 @@ fn build(
         } else {
             vec![WARM_UP]
         };
+        // Map the pages in this process first: KVM then fills up to eight
+        // neighbouring shadow entries per fault from the host page tables.
+        // Present pages only, so no fault reaches the (frozen) service.
+        for range in &ranges {
+            populate_mapping(memory.ram().as_ref(), range.start, range.end - range.start)
+                .map_err(|error| format!("mapping the populated memory: {error}"))?;
+        }
         machine
             .prefault(&ranges, memory.ram().page_size(), None)
             .map_err(|error| format!("prefaulting the new VM: {error}"))?;
