@@ -436,10 +436,56 @@ fn transfer(
     clock.side.successor_started_ns = crate::time::monotonic_ns();
     let mut child = spawn(launcher, request, extra)
         .map_err(running_failure("starting the transfer successor"))?;
-    let accepted = accept_within(&listener, &path, &mut child, CONNECT_TIMEOUT);
+    let successor = Successor {
+        listener: &listener,
+        path: &path,
+        child: &mut child,
+        started,
+    };
+    let handed_over = hand_over_by_transfer(vm, preserved, clock, successor);
     let _ = std::fs::remove_file(&path);
-    let mut transfer_link = accepted.map_err(|error| (error, None))?;
-    clock.side.phases.connect = started.elapsed();
+    let saved = match handed_over {
+        Ok(saved) => saved,
+        Err(failure) => {
+            // A successor that did not take over must never run the guest:
+            // end it (it may be waiting for a switch that will not come).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failure);
+        }
+    };
+    report_old_side(link, vm, clock);
+    // The successor is this process's child until it exits; the controller
+    // (a child subreaper) inherits it.
+    drop(child);
+    retire_and_exit(saved)
+}
+
+/// A transfer successor being started.
+struct Successor<'a> {
+    listener: &'a TransferListener,
+    path: &'a std::path::Path,
+    child: &'a mut Child,
+    /// When the socket was bound.
+    started: Instant,
+}
+
+/// Steps 2 to 5 of a transfer, once the successor process is started: its
+/// connection, the offers, the stop, the switch.
+fn hand_over_by_transfer(
+    vm: &mut LiveVm,
+    preserved: &Preserved,
+    clock: &mut Clock,
+    successor: Successor<'_>,
+) -> Step<Stopped> {
+    let mut transfer_link = accept_within(
+        successor.listener,
+        successor.path,
+        successor.child,
+        CONNECT_TIMEOUT,
+    )
+    .map_err(|error| (error, None))?;
+    clock.side.phases.connect = successor.started.elapsed();
     let offered = Instant::now();
     transfer_link
         .offer(&preserved.live_update)
@@ -467,15 +513,10 @@ fn transfer(
     };
     let switching = Instant::now();
     if let Err(error) = transfer_link.switch(&preserved.live_update, payload) {
-        let _ = child.wait();
         return Err((format!("the switch: {error}"), Some(saved)));
     }
     clock.side.phases.handover = switching.elapsed();
-    report_old_side(link, vm, clock);
-    // The successor is this process's child until it exits; the controller
-    // (a child subreaper) inherits it.
-    drop(child);
-    retire_and_exit(saved)
+    Ok(saved)
 }
 
 /// Accepts the successor's connection, giving up if it exits first or
