@@ -120,11 +120,12 @@ fn run_variant(
 
 fn print_variants(variants: &[Variant]) {
     println!(
-        "{:<34} {:>2} {:>26} {:>26} {:>26} {:>26} {:>26}",
+        "{:<34} {:>2} {:>26} {:>26} {:>26} {:>26} {:>26} {:>26}",
         "variant (load before/after)",
         "n",
         "host blackout ms",
         "guest gap ms",
+        "guest gap from kick ms",
         "recovery to 90% ms",
         "successor start->finish ms",
         "memory frozen ms"
@@ -156,7 +157,7 @@ fn print_variants(variants: &[Variant]) {
                 pick(|derived| derived.recovery)
             };
             println!(
-                "{:<34} {:>2} {:>26} {:>26} {:>26} {:>26} {:>26}",
+                "{:<34} {:>2} {:>26} {:>26} {:>26} {:>26} {:>26} {:>26}",
                 format!(
                     "{mode} {} ({:.1}/{:.1})",
                     variant.label, variant.report.load_before[0], variant.report.load_after[0]
@@ -164,6 +165,7 @@ fn print_variants(variants: &[Variant]) {
                 rows.len(),
                 pick(|derived| derived.host_blackout),
                 pick(|derived| derived.guest_gap),
+                pick(|derived| derived.guest_gap_from_kick),
                 recovery,
                 pick(|derived| derived.handover),
                 pick(|derived| derived.frozen_window),

@@ -134,6 +134,14 @@ pub struct Derived {
     pub recovery: Option<Duration>,
     /// Successor start (or exec) to finish.
     pub handover: Option<Duration>,
+    /// The longest gap any vCPU's loop saw counted from the kick (its gap
+    /// less the time it had not run before the kick): the part of the
+    /// guest's gap the update itself caused.
+    pub guest_gap_from_kick: Option<Duration>,
+    /// The longest time any vCPU's loop had not run before the kick (it
+    /// waited for a host CPU): part of the guest's gap that precedes the
+    /// stop. Where the guest TSC is the host's (this KVM, host threads).
+    pub idle_before_kick: Option<Duration>,
     /// Memory frozen (preserve) to finish (unfreeze).
     pub frozen_window: Option<Duration>,
     /// Pages the guest verified since the previous update's report.
@@ -915,7 +923,26 @@ fn derive(row: &UpdateRow, before: &Progress) -> Derived {
         None
     };
     let after = &new.guest;
+    let khz = u64::from(new.tsc_khz.max(1));
+    let idle_before_kick = new
+        .stop_tsc
+        .iter()
+        .map(|stop| old.kicked_tsc.saturating_sub(*stop) * 1_000_000 / khz)
+        .max()
+        .map(Duration::from_nanos);
+    let guest_gap_from_kick = new
+        .guest_gaps_ns
+        .iter()
+        .zip(&new.stop_tsc)
+        .filter_map(|(gap, stop)| {
+            let idle = old.kicked_tsc.saturating_sub(*stop) * 1_000_000 / khz;
+            gap.map(|gap| gap.saturating_sub(idle))
+        })
+        .max()
+        .map(Duration::from_nanos);
     Derived {
+        idle_before_kick,
+        guest_gap_from_kick,
         host_blackout: between(old.last_stop_ns, new.first_entry_ns),
         guest_gap,
         recovery,

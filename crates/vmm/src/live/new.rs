@@ -449,6 +449,8 @@ fn watch_recovery(vm: &mut LiveVm, stop_tsc: &[u64], window: Duration, side: &mu
             )
         })
         .collect();
+    side.stop_tsc = stop_tsc.to_vec();
+    side.tsc_khz = tsc_khz;
     side.faults = vm.backing.fault_counters().into();
     side.guest = vm.progress();
 }

@@ -214,6 +214,7 @@ fn stop_and_save(vm: &mut LiveVm, preserved: &Preserved, clock: &mut Clock) -> S
         .parked
         .saturating_sub(clock.parked_at_freeze);
     let kicked = Instant::now();
+    clock.side.kicked_tsc = crate::state::tsc::host_tsc();
     let (stopped, last_stop, record) = match cpus {
         Cpus::Kvm(running) => {
             let (machine, report, state, step) =

@@ -115,6 +115,11 @@ pub struct OldSide {
     pub successor_started_ns: u64,
     /// When the kick was sent.
     pub kicked_ns: u64,
+    /// The host TSC just before the kick: where the guest TSC is the host's
+    /// (this KVM), `kicked_tsc - stop_tsc` of a vCPU is how long before the
+    /// kick its loop last ran (time it spent waiting for a host CPU, which
+    /// its gap includes).
+    pub kicked_tsc: u64,
     /// When the last vCPU stopped: the start of the host blackout.
     pub last_stop_ns: u64,
     /// Phase durations.
@@ -184,6 +189,10 @@ pub struct NewSide {
     /// Per vCPU, the gap its own loop saw across the update, in ns (None:
     /// the probe caught nothing, which fails the demo).
     pub guest_gaps_ns: Vec<Option<u64>>,
+    /// Per vCPU, the guest TSC of its last loop iteration before the stop.
+    pub stop_tsc: Vec<u64>,
+    /// The guest TSC's frequency (kHz).
+    pub tsc_khz: u32,
     /// Per vCPU, its rate before and its recovery after.
     pub recovery: Vec<Recovery>,
     /// Faults parked in this process before its finish (repeated accesses
