@@ -1030,6 +1030,7 @@ impl DemoReport {
                 ms(new.phases.finish, have_new),
                 milliseconds(derived.host_blackout),
                 milliseconds(derived.guest_gap),
+                milliseconds(derived.guest_gap_from_kick),
                 if have_new {
                     milliseconds(derived.recovery).replace('-', "> window")
                 } else {
