@@ -306,7 +306,7 @@ fn print_summary(report: &DemoReport) {
     );
     print!("{}", report.table());
     println!(
-        "host blk: last vCPU stop to first vCPU entry; guest gap: the longest gap the guest's own loop saw (TSC); from kick: that gap less the time the vCPU had not run before the kick (waiting for a host CPU); recovery: until the guest runs at 90% of its former rate; start->fin: successor start (or exec) to finish; parked: faults parked in the old VMM while frozen; served: of those, pages present in the successor afterwards; unserved: must be 0"
+        "host blk: last vCPU stop to first vCPU entry; guest gap: the longest gap the guest's own loop saw (TSC); from kick: that gap less the time the vCPU had not run before the kick (parked on a frozen fault, or waiting for a host CPU); recovery: until the guest runs at 90% of its former rate; start->fin: successor start (or exec) to finish; parked: faults parked in the old VMM while frozen; served: of those, pages present in the successor afterwards; unserved: must be 0"
     );
     if let Some(done) = &report.final_check {
         let verified: u64 = done.guest.iter().map(|vcpu| vcpu.final_verified).sum();

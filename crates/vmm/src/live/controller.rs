@@ -138,9 +138,10 @@ pub struct Derived {
     /// less the time it had not run before the kick): the part of the
     /// guest's gap the update itself caused.
     pub guest_gap_from_kick: Option<Duration>,
-    /// The longest time any vCPU's loop had not run before the kick (it
-    /// waited for a host CPU): part of the guest's gap that precedes the
-    /// stop. Where the guest TSC is the host's (this KVM, host threads).
+    /// The longest time any vCPU's loop had not run before the kick (it was
+    /// parked on a frozen fault, or waited for a host CPU): the part of the
+    /// guest's gap that precedes the stop. Where the guest TSC is the
+    /// host's (this KVM, host threads).
     pub idle_before_kick: Option<Duration>,
     /// Memory frozen (preserve) to finish (unfreeze).
     pub frozen_window: Option<Duration>,
@@ -969,37 +970,40 @@ impl DemoReport {
     /// The summary table, one row per update, times in milliseconds.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let header = [
-            "#",
-            "mode",
-            "outcome",
-            "preserve",
-            "stop",
-            "save",
-            "handover",
-            "retrieve",
-            "build",
-            "restore",
-            "finish",
-            "host blk",
-            "guest gap",
-            "recovery",
-            "start->fin",
-            "verified",
-            "mism",
-            "parked",
-            "served",
+        // (header, width) per column; a row is an array of the same length,
+        // so the compiler keeps cells and headers in step.
+        const COLUMNS: [(&str, usize); 21] = [
+            ("#", 2),
+            ("mode", 8),
+            ("outcome", 8),
+            ("preserve", 8),
+            ("stop", 6),
+            ("save", 6),
+            ("handover", 8),
+            ("retrieve", 8),
+            ("build", 7),
+            ("restore", 7),
+            ("finish", 6),
+            ("host blk", 8),
+            ("guest gap", 9),
+            ("from kick", 9),
+            ("recovery", 9),
+            ("start->fin", 10),
+            ("verified", 8),
+            ("mism", 4),
+            ("parked", 6),
+            ("served", 6),
+            ("unserved", 8),
         ];
-        let widths = [2, 8, 9, 8, 7, 7, 8, 8, 8, 8, 7, 9, 9, 9, 10, 9, 4, 6, 6];
-        let line = |cells: &[String]| -> String {
+        let line = |cells: [String; 21]| -> String {
             cells
                 .iter()
-                .zip(widths)
-                .map(|(cell, width)| format!("{cell:>width$}"))
+                .zip(COLUMNS)
+                .map(|(cell, (_, width))| format!("{cell:>width$}"))
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        out.push_str(&line(&header.map(String::from)));
+        out.push_str(&line(COLUMNS.map(|(name, _)| name.to_owned())));
         out.push('\n');
         for row in &self.updates {
             let outcome = match &row.outcome {
@@ -1043,7 +1047,7 @@ impl DemoReport {
                 derived.faults_served.to_string(),
                 derived.faults_unserved.to_string(),
             ];
-            out.push_str(&line(&cells));
+            out.push_str(&line(cells));
             out.push('\n');
         }
         out
