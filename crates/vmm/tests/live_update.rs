@@ -41,6 +41,17 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Whether the fault service can run here (userfaultfd); prints why not.
+fn fault_service_available(test: &str) -> bool {
+    match vmm::backing::Backing::create(4 << 20, gmem::Backend::Memfd) {
+        Ok(_) => true,
+        Err(error) => {
+            eprintln!("SKIPPED: {test}: the fault service cannot start here ({error})");
+            false
+        }
+    }
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -67,6 +78,10 @@ fn a_guest_survives_live_updates_in_every_mode() {
 #[test]
 fn without_kvm_the_workload_runs_on_host_threads_and_survives_updates() {
     let _serial = serial();
+    let test = "without_kvm_the_workload_runs_on_host_threads_and_survives_updates";
+    if !fault_service_available(test) {
+        return;
+    }
     let fds_before = open_fds();
     // With liveupdate's builtin gmem handler, for coverage of both.
     let config = DemoConfig {
@@ -164,6 +179,10 @@ fn updates_aborted_after_the_freeze_leave_the_guest_running_unfrozen() {
 #[test]
 fn host_threads_parked_at_the_stop_take_the_explicit_step_in_every_mode() {
     let _serial = serial();
+    let test = "host_threads_parked_at_the_stop_take_the_explicit_step_in_every_mode";
+    if !fault_service_available(test) {
+        return;
+    }
     // A host thread blocked in a fault cannot be interrupted: each update
     // finds the threads parked (the guest still populates 1 GiB and runs
     // frozen until they park), serves their faults by the explicit
