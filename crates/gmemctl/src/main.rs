@@ -1,6 +1,7 @@
 //! `gmemctl`: the gmem-lu command-line tool. One module per subcommand, so
 //! each can grow without touching the others.
 
+mod bench;
 mod inspect;
 mod sessions;
 
@@ -20,11 +21,14 @@ enum Command {
     Sessions(sessions::Arguments),
     /// Decode a handover record for a human.
     Inspect(inspect::Arguments),
+    /// Measure every headline figure on this machine: one table, JSON, plots.
+    Bench(bench::Arguments),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Sessions(arguments) => sessions::run(arguments),
         Command::Inspect(arguments) => inspect::run(arguments),
+        Command::Bench(arguments) => bench::run(arguments),
     }
 }
