@@ -76,7 +76,10 @@ pub fn run(arguments: Arguments) -> anyhow::Result<()> {
     }
     let sizes = match &arguments.sizes_mib {
         Some(sizes) => {
-            if let Some(bad) = sizes.iter().find(|size| **size == 0 || !size.is_multiple_of(2)) {
+            if let Some(bad) = sizes
+                .iter()
+                .find(|size| **size == 0 || !size.is_multiple_of(2))
+            {
                 bail!(
                     "--sizes-mib: {bad} is not a positive multiple of 2 MiB (the huge page size)"
                 );
