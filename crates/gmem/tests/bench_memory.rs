@@ -17,8 +17,5 @@ fn memory_per_file_counts_the_index_and_the_per_file_domains() {
         "{memory:?}"
     );
     // A reader slot is cache-padded: at least one 64-byte line each.
-    assert!(
-        memory.per_file_domain_bytes >= 2.0 * 64.0,
-        "{memory:?}"
-    );
+    assert!(memory.per_file_domain_bytes >= 2.0 * 64.0, "{memory:?}");
 }

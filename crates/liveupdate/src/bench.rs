@@ -759,6 +759,16 @@ pub fn available_memory() -> Result<u64, BenchError> {
     meminfo_field("MemAvailable:").map(|kib| kib * 1024)
 }
 
+/// Bytes an unprivileged writer may still put into the file system holding
+/// `directory` (for sizing the copy baseline's snapshot).
+///
+/// Errors: `System` with statvfs's errno (ENOENT for a missing directory).
+pub fn free_space(directory: &Path) -> Result<u64, BenchError> {
+    let stat = rustix::fs::statvfs(directory)
+        .map_err(system(format!("statvfs of {}", directory.display())))?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 fn meminfo_field(name: &str) -> Result<u64, BenchError> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(io("reading /proc/meminfo"))?;
     meminfo

@@ -540,7 +540,7 @@ pub fn handover_figures(
         for &size in &plan.guest_sizes {
             let prefix = format!("lu.{}.{}", backend_label(backend), size_label(size));
             let steps = plan.handover_runs * (1 + Transport::ALL.len());
-            let (_reservation, copy_fits) = match prepare(backend, size) {
+            let prepared = match prepare(plan, backend, size) {
                 Ok(prepared) => prepared,
                 Err(reason) => {
                     collector.skip(format!("{prefix}.*"), reason);
@@ -548,20 +548,24 @@ pub fn handover_figures(
                     continue;
                 }
             };
-            let samples =
-                handover_configuration(plan, &bench, backend, size, &copy_fits, collector)?;
-            record_handover(plan, backend, size, samples, copy_fits, collector);
+            let samples = handover_configuration(
+                plan,
+                &bench,
+                backend,
+                size,
+                &prepared.copy_fits,
+                collector,
+            )?;
+            record_handover(plan, backend, size, samples, prepared.copy_fits, collector);
         }
     }
     Ok(())
 }
 
-/// Reserves huge pages for a hugetlb size and decides whether the copy
-/// baseline fits; `Err` with the reason when the size cannot run at all.
-fn prepare(
-    backend: Backend,
-    size: u64,
-) -> Result<(Option<HugePageReservation>, Result<(), String>), String> {
+/// Whether a size can run here: reserves the huge pages of a hugetlb size,
+/// and decides whether the copy baseline fits; `Err` with the reason when
+/// the size cannot run at all.
+fn prepare(plan: &Plan, backend: Backend, size: u64) -> Result<Prepared, String> {
     let available = |what: &str| {
         liveupdate::bench::available_memory()
             .map_err(|error| format!("cannot tell the memory available for {what}: {error}"))
@@ -571,7 +575,7 @@ fn prepare(
     let free = available("the guest")?;
     if free < needed {
         return Err(format!(
-            "{label} of guest memory needs {} available with a {} margin for others, the machine has {}",
+            "{label} of guest memory needs {} available (a {} margin left to others), the machine has {}",
             size_label(needed),
             size_label(MEMORY_MARGIN),
             size_label(free / MIB * MIB)
@@ -590,17 +594,35 @@ fn prepare(
         Backend::Hugetlb => size + MEMORY_MARGIN,
         _ => 2 * size + MEMORY_MARGIN,
     };
-    let copy_fits = if free >= copy_needs {
-        Ok(())
-    } else {
+    let space =
+        liveupdate::bench::free_space(&plan.copy_directory).map_err(|error| error.to_string())?;
+    let copy_fits = if free < copy_needs {
         Err(format!(
             "the copy baseline of {label} needs {} available (the memory twice and a {} margin), the machine has {}",
             size_label(copy_needs),
             size_label(MEMORY_MARGIN),
             size_label(free / MIB * MIB)
         ))
+    } else if space < size {
+        Err(format!(
+            "the copy baseline of {label} needs {label} free in {}, which has {}",
+            plan.copy_directory.display(),
+            size_label(space / MIB * MIB)
+        ))
+    } else {
+        Ok(())
     };
-    Ok((reservation, copy_fits))
+    Ok(Prepared {
+        _reservation: reservation,
+        copy_fits,
+    })
+}
+
+/// A size ready to run: its huge pages (given back on drop) and whether
+/// the copy baseline fits.
+struct Prepared {
+    _reservation: Option<HugePageReservation>,
+    copy_fits: Result<(), String>,
 }
 
 fn handover_configuration(
