@@ -106,11 +106,29 @@ pub fn get_folio_present(
     run_threads(threads, |thread| {
         let file = file.clone();
         move || {
+            let index = |step: u64| PageIndex(page(step + thread as u64 * 13));
             let start = Instant::now();
+            // Failures are counted, not returned at once, and only a
+            // register-sized summary of each folio is black-boxed: returning
+            // the error from inside the loop, or black-boxing the whole
+            // `Folio`, made this 2 ns lookup three to four times slower
+            // (measured: the value went through the stack and stalled store
+            // forwarding), which would time the harness, not the lookup.
+            let mut failures = 0u64;
             for step in 0..iterations {
-                black_box(file.get_folio(PageIndex(page(step + thread as u64 * 13)))?);
+                let folio = file.get_folio(index(step));
+                let summary = folio.map_or(u64::MAX, |folio| folio.index().0);
+                failures += u64::from(summary == u64::MAX);
+                black_box(summary);
             }
-            Ok(start.elapsed())
+            let elapsed = start.elapsed();
+            if failures > 0 {
+                // Off the clock: find the failing lookup again for its error.
+                for step in 0..iterations {
+                    file.get_folio(index(step))?;
+                }
+            }
+            Ok(elapsed)
         }
     })
 }
