@@ -88,6 +88,7 @@ pub fn run(arguments: Arguments) -> anyhow::Result<()> {
         }
         None => None,
     };
+    prepare_outputs(&arguments)?;
     let plan = Plan::new(arguments.quick, sizes, arguments.copy_dir.clone());
     let load_before = load_average();
     let mut collector = Collector {
@@ -146,8 +147,32 @@ fn sort_for_table(mut measured: Vec<report::Measured>) -> Vec<report::Measured> 
     measured
 }
 
+/// Creates the directories the outputs go to, before minutes of
+/// measuring, so a bad path fails at once.
+fn prepare_outputs(arguments: &Arguments) -> anyhow::Result<()> {
+    let json_directory = arguments
+        .json_out
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .filter(|parent| !parent.as_os_str().is_empty());
+    for directory in json_directory.into_iter().chain(arguments.plots.as_deref()) {
+        std::fs::create_dir_all(directory)
+            .with_context(|| format!("creating {}", directory.display()))?;
+    }
+    Ok(())
+}
+
+/// Prints the report first (so an output that fails later loses nothing),
+/// then writes the JSON file and the plots.
 fn emit(arguments: &Arguments, report: &Report) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(report).context("serializing the report")?;
+    let table = report.table();
+    if arguments.json {
+        eprint!("{table}");
+        writeln!(std::io::stdout(), "{json}").context("writing the JSON report")?;
+    } else {
+        write!(std::io::stdout(), "{table}").context("writing the table")?;
+    }
     if let Some(path) = &arguments.json_out {
         std::fs::write(path, format!("{json}\n"))
             .with_context(|| format!("writing {}", path.display()))?;
@@ -156,13 +181,6 @@ fn emit(arguments: &Arguments, report: &Report) -> anyhow::Result<()> {
         for path in plots::write_all(report, directory)? {
             eprintln!("wrote {}", path.display());
         }
-    }
-    let table = report.table();
-    if arguments.json {
-        eprint!("{table}");
-        writeln!(std::io::stdout(), "{json}").context("writing the JSON report")?;
-    } else {
-        write!(std::io::stdout(), "{table}").context("writing the table")?;
     }
     Ok(())
 }
