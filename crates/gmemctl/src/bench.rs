@@ -12,7 +12,8 @@
 //! Output: the table on stdout; with `--json` the JSON report on stdout and
 //! the table on stderr (after the progress lines), so one run yields both;
 //! `--json-out FILE` writes the JSON to a file as well; `--plots DIR`
-//! writes the SVG plots. The run fails (after printing everything) if any
+//! writes the SVG plots; `--from-json FILE` measures nothing and prints (and
+//! plots) a saved report. The run fails (after printing everything) if any
 //! figure is not finite and positive.
 //!
 //! The live-update figures need fresh processes: they are this program
@@ -59,6 +60,10 @@ pub struct Arguments {
     /// fairest: no disk in the way).
     #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
     copy_dir: PathBuf,
+    /// Measure nothing: print (and plot) the report saved by an earlier
+    /// `--json` or `--json-out` run.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["quick", "sizes_mib"])]
+    from_json: Option<PathBuf>,
     /// Internal: play one process of a live-update measurement.
     #[arg(last = true, hide = true)]
     role: Vec<String>,
@@ -89,6 +94,27 @@ pub fn run(arguments: Arguments) -> anyhow::Result<()> {
         None => None,
     };
     prepare_outputs(&arguments)?;
+    let report = match &arguments.from_json {
+        Some(path) => saved_report(path)?,
+        None => measure_all(&arguments, sizes)?,
+    };
+    emit(&arguments, &report)?;
+    let problems = report.problems();
+    if !problems.is_empty() {
+        bail!("broken measurements:\n{}", problems.join("\n"));
+    }
+    Ok(())
+}
+
+fn saved_report(path: &std::path::Path) -> anyhow::Result<Report> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a gmemctl bench report", path.display()))
+}
+
+/// Runs every measurement of the plan; the report.
+fn measure_all(arguments: &Arguments, sizes: Option<Vec<u64>>) -> anyhow::Result<Report> {
     let plan = Plan::new(arguments.quick, sizes, arguments.copy_dir.clone());
     let load_before = load_average();
     let mut collector = Collector {
@@ -106,7 +132,7 @@ pub fn run(arguments: Arguments) -> anyhow::Result<()> {
     measure::handover_figures(&plan, launcher()?, &mut collector)?;
     collector.progress.finish();
 
-    let report = Report {
+    Ok(Report {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         machine: Machine {
             cores: std::thread::available_parallelism().map_or(1, usize::from),
@@ -122,13 +148,7 @@ pub fn run(arguments: Arguments) -> anyhow::Result<()> {
         figures: report::figures(&sort_for_table(collector.measured)),
         skipped: collector.skipped,
         series: collector.series,
-    };
-    emit(&arguments, &report)?;
-    let problems = report.problems();
-    if !problems.is_empty() {
-        bail!("broken measurements:\n{}", problems.join("\n"));
-    }
-    Ok(())
+    })
 }
 
 /// Table order: the sections in the order of `docs/performance.md`.

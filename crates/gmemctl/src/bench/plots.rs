@@ -115,7 +115,7 @@ fn read_side(series: &Series, subtitle: &str, path: &Path) -> anyhow::Result<()>
         .configure_mesh()
         .x_desc("reader threads")
         .y_desc("read sections per second, millions (all threads)")
-        .x_label_formatter(&|threads| format!("{threads:.0}"))
+        .x_label_formatter(&|threads| axis_number(*threads))
         .draw()
         .map_err(plot_error)?;
     let mut contenders: Vec<&str> = Vec::new();
@@ -168,7 +168,7 @@ fn blackout(series: &Series, subtitle: &str, path: &Path) -> anyhow::Result<()> 
         .configure_mesh()
         .x_desc("populated guest memory, GiB")
         .y_desc("blackout, ms (copy: out + in)")
-        .x_label_formatter(&|size| format!("{size:.3}"))
+        .x_label_formatter(&|size| axis_number(*size))
         .draw()
         .map_err(plot_error)?;
     let mut lines: Vec<(&str, &str)> = Vec::new();
@@ -194,6 +194,16 @@ fn blackout(series: &Series, subtitle: &str, path: &Path) -> anyhow::Result<()> 
     }
     finish_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_error)
+}
+
+/// An axis label: whole numbers without decimals, others with up to three.
+fn axis_number(value: f64) -> String {
+    if (value - value.round()).abs() < 1e-9 {
+        format!("{value:.0}")
+    } else {
+        let text = format!("{value:.3}");
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
 }
 
 /// The empirical CDF of `samples`: (value, fraction at or below it).
@@ -320,6 +330,13 @@ mod tests {
     fn the_cdf_rises_to_one_in_sorted_order() {
         let points = cdf(&[3.0, 1.0, 2.0, f64::NAN]);
         assert_eq!(points, vec![(1.0, 1.0 / 3.0), (2.0, 2.0 / 3.0), (3.0, 1.0)]);
+    }
+
+    #[test]
+    fn axis_numbers_drop_needless_decimals() {
+        assert_eq!(axis_number(8.0), "8");
+        assert_eq!(axis_number(0.125), "0.125");
+        assert_eq!(axis_number(0.25), "0.25");
     }
 
     #[test]
