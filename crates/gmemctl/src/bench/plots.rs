@@ -116,6 +116,7 @@ fn read_side(series: &Series, subtitle: &str, path: &Path) -> anyhow::Result<()>
         .x_desc("reader threads")
         .y_desc("read sections per second, millions (all threads)")
         .x_label_formatter(&|threads| axis_number(*threads))
+        .y_label_formatter(&|rate| axis_number(*rate))
         .draw()
         .map_err(plot_error)?;
     let mut contenders: Vec<&str> = Vec::new();
@@ -169,6 +170,7 @@ fn blackout(series: &Series, subtitle: &str, path: &Path) -> anyhow::Result<()> 
         .x_desc("populated guest memory, GiB")
         .y_desc("blackout, ms (copy: out + in)")
         .x_label_formatter(&|size| axis_number(*size))
+        .y_label_formatter(&|time| axis_number(*time))
         .draw()
         .map_err(plot_error)?;
     let mut lines: Vec<(&str, &str)> = Vec::new();
@@ -253,6 +255,7 @@ fn freeze_latency(
         .configure_mesh()
         .x_desc("freeze(true) latency, µs")
         .y_desc("fraction of freezes at or below")
+        .x_label_formatter(&|latency| axis_number(*latency))
         .draw()
         .map_err(plot_error)?;
     draw_line(
