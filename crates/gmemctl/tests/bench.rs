@@ -226,7 +226,7 @@ fn quick_bench_reports_every_figure_and_the_table_agrees_with_the_json() {
                 id.starts_with("lu.") || id == "fault.first_touch.service",
                 "{id} skipped: {reason}"
             );
-            eprintln!("SKIPPED: {id}: {reason}");
+            test_support::skipped(format_args!("{id}: {reason}"));
             continue;
         };
         assert!(finite_positive(figure.median), "{id}: {figure:?}");
