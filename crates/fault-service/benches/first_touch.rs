@@ -1,15 +1,14 @@
 //! Criterion benchmark: one first touch through the fault service, a plain
-//! first touch of a memfd mapping, and fallocate of one page. The table:
-//! `cargo run --release -p fault-service --example fault_table`.
+//! first touch of a memfd mapping, and fallocate of one page, as
+//! `fault_service::bench` (feature `bench`) measures them. The table:
+//! `cargo run --release -p fault-service --example fault_table`; the same
+//! figures also appear in `gmemctl bench`.
 
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
-#[path = "measure.rs"]
-mod measure;
-
-use measure::FirstTouch;
+use fault_service::bench::{self as measure, FirstTouch};
 
 fn first_touch(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group("first_touch");
@@ -20,7 +19,9 @@ fn first_touch(criterion: &mut Criterion) {
         FirstTouch::Fallocate,
     ] {
         group.bench_function(format!("{kind:?}"), |bencher| {
-            bencher.iter_custom(|iterations| measure::first_touch(kind, iterations));
+            bencher.iter_custom(|iterations| {
+                measure::first_touch(kind, iterations).expect("first touch")
+            });
         });
     }
     group.finish();

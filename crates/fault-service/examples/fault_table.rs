@@ -1,11 +1,10 @@
 //! Prints the fault-service cost table (markdown), the three rows measured
 //! side by side in each of 11 rounds (median and min–max over rounds):
 //! `cargo run --release -p fault-service --example fault_table`.
+//! The measurement is `fault_service::bench` (feature `bench`), shared with
+//! the criterion benchmark and `gmemctl bench`.
 
-#[path = "../benches/measure.rs"]
-mod measure;
-
-use measure::FirstTouch;
+use fault_service::bench::{self as measure, FirstTouch};
 
 const ROUNDS: usize = 11;
 const TOUCHES: u64 = 16_384;
@@ -25,8 +24,10 @@ fn spread(samples: Vec<f64>, unit: &str) -> String {
 fn main() {
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
-        let per_touch =
-            |kind| measure::first_touch(kind, TOUCHES).as_nanos() as f64 / TOUCHES as f64 / 1000.0;
+        let per_touch = |kind| {
+            let elapsed = measure::first_touch(kind, TOUCHES).expect("first touch");
+            elapsed.as_nanos() as f64 / TOUCHES as f64 / 1000.0
+        };
         rounds.push((
             per_touch(FirstTouch::ThroughService),
             per_touch(FirstTouch::Plain),

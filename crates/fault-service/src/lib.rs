@@ -20,6 +20,8 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "bench")]
+pub mod bench;
 mod service;
 pub mod uffd;
 

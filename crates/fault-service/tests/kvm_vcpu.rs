@@ -36,7 +36,7 @@ fn frozen_file_blocks_the_vcpu_until_unfreeze() {
     let kvm = match Kvm::new() {
         Ok(kvm) => kvm,
         Err(error) => {
-            eprintln!("SKIPPED: no /dev/kvm: {error}");
+            test_support::skipped(format_args!("no /dev/kvm: {error}"));
             return;
         }
     };

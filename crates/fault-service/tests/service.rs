@@ -250,7 +250,7 @@ fn shutdown_refuses_while_faults_are_parked() {
 fn kvm_backend_is_refused() {
     let (backend, reason) = Backend::auto_with_reason();
     if backend != Backend::Kvm {
-        eprintln!("SKIPPED: no kvm backend here: {reason}");
+        test_support::skipped(format_args!("no kvm backend here: {reason}"));
         return;
     }
     let file =
@@ -312,7 +312,7 @@ fn a_fault_that_cannot_be_served_is_reported_and_retried() {
     let _reservation = match HugePageReservation::reserve(1) {
         Ok(reservation) => reservation,
         Err(reason) => {
-            eprintln!("SKIPPED: hugetlb failure path not tested: {reason}");
+            test_support::skipped(format_args!("hugetlb failure path not tested: {reason}"));
             return;
         }
     };
@@ -322,19 +322,23 @@ fn a_fault_that_cannot_be_served_is_reported_and_retried() {
     // this runs; then the pool cannot be exhausted reliably: skip, saying so.
     let free = free_huge_pages();
     if free > 64 {
-        eprintln!(
-            "SKIPPED: hugetlb failure path: {free} free huge pages (someone else's pool) are too many to exhaust"
-        );
+        test_support::skipped(format_args!(
+            "hugetlb failure path: {free} free huge pages (someone else's pool) are too many to exhaust"
+        ));
         return;
     }
     let hog =
         GuestMemFile::create(free.max(1) * huge, GmemFlags::NONE, Backend::Hugetlb).expect("hog");
     if let Err(error) = hog.fallocate(gmem::FallocMode::ALLOCATE, 0, (free.max(1) * huge) as i64) {
-        eprintln!("SKIPPED: hugetlb failure path: the pool changed under the test: {error}");
+        test_support::skipped(format_args!(
+            "hugetlb failure path: the pool changed under the test: {error}"
+        ));
         return;
     }
     if free_huge_pages() != 0 {
-        eprintln!("SKIPPED: hugetlb failure path: the pool grew under the test");
+        test_support::skipped(format_args!(
+            "hugetlb failure path: the pool grew under the test"
+        ));
         return;
     }
     let (service, events) = FaultService::start([file.clone()]).expect("start");

@@ -1,14 +1,13 @@
-//! Criterion benchmarks of the gmem hot paths; see `measure.rs` for what
-//! each one times. The same measurements print as one side-by-side table
-//! with `cargo run --release -p gmem --example bench_table`.
+//! Criterion benchmarks of the gmem hot paths; `gmem::bench` (feature
+//! `bench`) says what each one times. The same measurements print as one
+//! side-by-side table with `cargo run --release -p gmem --example
+//! bench_table`, and in `gmemctl bench`.
 
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
-#[path = "measure.rs"]
-mod measure;
-
+use gmem::bench as measure;
 use measure::Allocation;
 
 /// The N of "N threads": the machine's CPUs (2 here), at least 2.
@@ -17,7 +16,7 @@ fn many_threads() -> usize {
 }
 
 fn get_folio_present(criterion: &mut Criterion) {
-    let file = measure::populated_file();
+    let file = measure::populated_file().expect("populated file");
     let mut group = criterion.benchmark_group("get_folio_present");
     for threads in [1, many_threads()] {
         group.bench_with_input(
@@ -25,7 +24,7 @@ fn get_folio_present(criterion: &mut Criterion) {
             &threads,
             |bencher, &threads| {
                 bencher.iter_custom(|iterations| {
-                    measure::get_folio_present(&file, threads, iterations)
+                    measure::get_folio_present(&file, threads, iterations).expect("present")
                 });
             },
         );
@@ -34,7 +33,7 @@ fn get_folio_present(criterion: &mut Criterion) {
 }
 
 fn freeze_check(criterion: &mut Criterion) {
-    let file = measure::populated_file();
+    let file = measure::populated_file().expect("populated file");
     let mut group = criterion.benchmark_group("freeze_check_only");
     for threads in [1, many_threads()] {
         group.bench_with_input(
@@ -64,7 +63,7 @@ fn allocate_missing(criterion: &mut Criterion) {
                 &threads,
                 |bencher, &threads| {
                     bencher.iter_custom(|iterations| {
-                        measure::allocate_missing(kind, threads, iterations)
+                        measure::allocate_missing(kind, threads, iterations).expect("allocate")
                     });
                 },
             );
@@ -81,8 +80,12 @@ fn freeze_latency(criterion: &mut Criterion) {
             BenchmarkId::from_parameter(threads),
             &threads,
             |bencher, &threads| {
-                bencher
-                    .iter_custom(|iterations| measure::freeze_while_faulting(threads, iterations));
+                bencher.iter_custom(|iterations| {
+                    measure::freeze_while_faulting(threads, iterations)
+                        .expect("freeze while faulting")
+                        .into_iter()
+                        .sum::<Duration>()
+                });
             },
         );
     }

@@ -2,12 +2,12 @@
 //! side in one run: `cargo run --release -p gmem --example bench_table`.
 //! Each cell is the median of 11 rounds with the (min–max) over rounds; the
 //! ratios compare rows measured in the same round. Do not trust it while other work loads the machine.
+//! The measurements are `gmem::bench` (feature `bench`), shared with the
+//! criterion benchmark and `gmemctl bench`.
 
 use std::time::Duration;
 
-#[path = "../benches/measure.rs"]
-mod measure;
-
+use gmem::bench as measure;
 use measure::Allocation;
 
 const ROUNDS: usize = 11;
@@ -30,7 +30,7 @@ fn nanoseconds(duration: Duration, iterations: u64) -> f64 {
 
 fn main() {
     let threads = std::thread::available_parallelism().map_or(2, |count| count.get().max(2));
-    let file = measure::populated_file();
+    let file = measure::populated_file().expect("populated file");
     println!("| measurement | 1 thread | {threads} threads | target |");
     println!("| --- | --- | --- | --- |");
 
@@ -39,7 +39,7 @@ fn main() {
             (0..ROUNDS)
                 .map(|_| {
                     nanoseconds(
-                        measure::get_folio_present(&file, threads, 2_000_000),
+                        measure::get_folio_present(&file, threads, 2_000_000).expect("present"),
                         2_000_000,
                     )
                 })
@@ -62,7 +62,7 @@ fn main() {
             // drift in machine load does not favour one of them.
             let measure_kind = |kind| {
                 nanoseconds(
-                    measure::allocate_missing(kind, count, iterations),
+                    measure::allocate_missing(kind, count, iterations).expect("allocate"),
                     iterations,
                 )
             };
@@ -122,7 +122,11 @@ fn main() {
     let freeze = |faulting| {
         spread(
             (0..ROUNDS)
-                .map(|_| nanoseconds(measure::freeze_while_faulting(faulting, 200), 200) / 1000.0)
+                .map(|_| {
+                    let latencies = measure::freeze_while_faulting(faulting, 200)
+                        .expect("freeze while faulting");
+                    nanoseconds(latencies.into_iter().sum(), 200) / 1000.0
+                })
                 .collect(),
             " µs",
         )

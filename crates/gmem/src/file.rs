@@ -366,10 +366,12 @@ impl GuestMemFile {
 
     /// [`GuestMemFile::get_folio`] built without the freeze check (no read
     /// section, no FROZEN test), so a benchmark can compare the two paths
-    /// side by side. It breaks the freeze: never call it outside a benchmark.
-    #[cfg(feature = "bench-internals")]
-    #[doc(hidden)]
-    pub fn get_folio_without_freeze_check(&self, index: PageIndex) -> Result<Folio<'_>, GmemError> {
+    /// side by side. It breaks the freeze, so only [`crate::bench`] reaches it.
+    #[cfg(all(feature = "bench", not(loom)))]
+    pub(crate) fn get_folio_without_freeze_check(
+        &self,
+        index: PageIndex,
+    ) -> Result<Folio<'_>, GmemError> {
         let folio = self.folio_number(index)?;
         if !self.state.index().contains(folio) {
             self.allocate_folio::<false>(index, folio)?;
@@ -380,9 +382,8 @@ impl GuestMemFile {
     /// Runs only the freeze check of the fault path (the SRCU read section
     /// and the FROZEN load), for the benchmark that prices it. Returns
     /// whether an allocation would be allowed now.
-    #[cfg(feature = "bench-internals")]
-    #[doc(hidden)]
-    pub fn freeze_check_for_bench(&self) -> bool {
+    #[cfg(all(feature = "bench", not(loom)))]
+    pub(crate) fn freeze_check_for_bench(&self) -> bool {
         self.state.freeze_check_only(crate::freeze_domain())
     }
 

@@ -35,6 +35,8 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backend;
+#[cfg(all(feature = "bench", not(loom)))]
+pub mod bench;
 mod descriptor;
 mod error;
 mod file;

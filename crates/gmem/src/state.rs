@@ -158,7 +158,7 @@ impl FileState {
 
     /// [`FileState::fault`] without the read section and the FROZEN check:
     /// the baseline against which the benchmark prices the freeze check. It
-    /// breaks the freeze, so only the `bench-internals` feature reaches it.
+    /// breaks the freeze, so only the `bench` feature reaches it.
     pub(crate) fn fault_without_freeze_check<E>(
         &self,
         folio: u64,
@@ -176,7 +176,7 @@ impl FileState {
     /// Only the freeze check of the fault path (read section + FROZEN load),
     /// so a benchmark can price it on its own, free of the system call's
     /// noise. Returns whether an allocation would be allowed.
-    #[cfg(feature = "bench-internals")]
+    #[cfg(all(feature = "bench", not(loom)))]
     pub(crate) fn freeze_check_only(&self, domain: &Srcu) -> bool {
         let _section = domain.read_lock();
         self.check_frozen::<()>().is_ok()

@@ -15,7 +15,7 @@ fn backends() -> Vec<Backend> {
     if auto == Backend::Kvm {
         vec![Backend::Memfd, Backend::Kvm]
     } else {
-        eprintln!("SKIPPED: kvm backend not tested: {reason}");
+        test_support::skipped(format_args!("kvm backend not tested: {reason}"));
         vec![Backend::Memfd]
     }
 }

@@ -19,20 +19,26 @@ fn kernel_vm() -> Option<VmFd> {
     let kvm = match Kvm::new() {
         Ok(kvm) => kvm,
         Err(error) => {
-            eprintln!("SKIPPED: no kernel guest_memfd to compare with: /dev/kvm: {error}");
+            test_support::skipped(format_args!(
+                "no kernel guest_memfd to compare with: /dev/kvm: {error}"
+            ));
             return None;
         }
     };
     let vm = match kvm.create_vm() {
         Ok(vm) => vm,
         Err(error) => {
-            eprintln!("SKIPPED: no kernel guest_memfd to compare with: KVM_CREATE_VM: {error}");
+            test_support::skipped(format_args!(
+                "no kernel guest_memfd to compare with: KVM_CREATE_VM: {error}"
+            ));
             return None;
         }
     };
     let offered = vm.check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS);
     if offered & 3 != 3 {
-        eprintln!("SKIPPED: kernel guest_memfd offers flags {offered:#x}, not MMAP | INIT_SHARED");
+        test_support::skipped(format_args!(
+            "kernel guest_memfd offers flags {offered:#x}, not MMAP | INIT_SHARED"
+        ));
         return None;
     }
     Some(vm)

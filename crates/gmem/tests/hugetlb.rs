@@ -66,7 +66,7 @@ fn huge_folios_are_allocated_and_punched_on_2m_boundaries() {
     let _reservation = match HugePageReservation::reserve(NEEDED) {
         Ok(reservation) => reservation,
         Err(reason) => {
-            eprintln!("SKIPPED: hugetlb backend not tested: {reason}");
+            test_support::skipped(format_args!("hugetlb backend not tested: {reason}"));
             return;
         }
     };

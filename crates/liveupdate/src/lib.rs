@@ -60,6 +60,8 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod error;
 pub mod fdio;
 pub mod handler;

@@ -121,7 +121,7 @@ fn request_as(luod: &Luod, uid: u32, operation: &str, session: &str) -> String {
 #[test]
 fn luod_refuses_a_peer_of_another_uid() {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: dropping to another uid needs root");
+        test_support::skipped(format_args!("dropping to another uid needs root"));
         return;
     }
     let luod = Luod::start("luod-uid");

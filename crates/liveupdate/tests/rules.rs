@@ -1030,7 +1030,9 @@ fn huge_pages(count: u64) -> bool {
         .unwrap_or(0);
     let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + count).to_string());
     if free_huge_pages() < count {
-        eprintln!("SKIPPED: the hugetlb part: cannot reserve {count} huge pages");
+        test_support::skipped(format_args!(
+            "the hugetlb part: cannot reserve {count} huge pages"
+        ));
         return false;
     }
     true

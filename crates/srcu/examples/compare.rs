@@ -10,117 +10,16 @@
 //! fence read side, `std::sync::RwLock::read`, `parking_lot::RwLock::read`,
 //! `crossbeam_epoch::pin`, and a bare `AtomicBool` load (the floor).
 //! Grace periods: `synchronize` latency (median, p99) with no readers and
-//! with N threads looping short read sections.
+//! with N threads looping short read sections. The measurements themselves
+//! are `srcu::bench` (feature `bench`), shared with the criterion benchmark
+//! and `gmemctl bench`.
 
-use std::hint::black_box;
-use std::sync::Barrier;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use srcu::{ReadSide, Srcu};
-
-static MEMBARRIER_DOMAIN: Srcu = Srcu::new();
-static FENCE_DOMAIN: Srcu = Srcu::with_fences();
-static WORD: AtomicU64 = AtomicU64::new(1);
-static FLAG: AtomicBool = AtomicBool::new(false);
-
-/// One read-side mechanism under test: enter, read `WORD`, leave.
-struct Contender {
-    name: &'static str,
-    section: fn() -> u64,
-}
-
-fn srcu_membarrier() -> u64 {
-    let _guard = black_box(MEMBARRIER_DOMAIN.read_lock());
-    WORD.load(Ordering::Relaxed)
-}
-
-fn srcu_fences() -> u64 {
-    let _guard = black_box(FENCE_DOMAIN.read_lock());
-    WORD.load(Ordering::Relaxed)
-}
-
-static STD_RWLOCK: std::sync::RwLock<u64> = std::sync::RwLock::new(1);
-fn std_rwlock() -> u64 {
-    *STD_RWLOCK
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-static PL_RWLOCK: parking_lot::RwLock<u64> = parking_lot::const_rwlock(1);
-fn parking_lot_rwlock() -> u64 {
-    *PL_RWLOCK.read()
-}
-
-fn crossbeam_epoch_pin() -> u64 {
-    let _guard = black_box(crossbeam_epoch::pin());
-    WORD.load(Ordering::Relaxed)
-}
-
-fn atomic_load_floor() -> u64 {
-    u64::from(black_box(&FLAG).load(Ordering::Relaxed))
-}
-
-/// Sections per thread in `duration` with `threads` threads looping.
-fn run_readers(section: fn() -> u64, threads: usize, duration: Duration) -> Vec<u64> {
-    let start = Barrier::new(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                let start = &start;
-                scope.spawn(move || {
-                    // Warm up: claim the SRCU slot, fault in code and data.
-                    for _ in 0..10_000 {
-                        black_box(section());
-                    }
-                    start.wait();
-                    let deadline = Instant::now() + duration;
-                    let mut count = 0u64;
-                    while Instant::now() < deadline {
-                        for _ in 0..1024 {
-                            black_box(section());
-                        }
-                        count += 1024;
-                    }
-                    count
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| handle.join().unwrap_or(0))
-            .collect()
-    })
-}
-
-/// `synchronize` latencies while `readers` threads loop short sections.
-fn synchronize_latencies(domain: &'static Srcu, readers: usize, samples: usize) -> Vec<Duration> {
-    let stop = AtomicBool::new(false);
-    let running = Barrier::new(readers + 1);
-    std::thread::scope(|scope| {
-        for _ in 0..readers {
-            let (stop, running) = (&stop, &running);
-            scope.spawn(move || {
-                running.wait();
-                while !stop.load(Ordering::Relaxed) {
-                    for _ in 0..256 {
-                        let _guard = domain.read_lock();
-                        black_box(WORD.load(Ordering::Relaxed));
-                    }
-                }
-            });
-        }
-        running.wait();
-        let mut latencies = Vec::with_capacity(samples);
-        for _ in 0..samples {
-            let begin = Instant::now();
-            domain.synchronize();
-            latencies.push(begin.elapsed());
-        }
-        stop.store(true, Ordering::Relaxed);
-        latencies
-    })
-}
+use srcu::ReadSide;
+use srcu::bench::{
+    CONTENDERS, FENCE_DOMAIN, FLOOR, MEMBARRIER_DOMAIN, read_rate, synchronize_latencies,
+};
 
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
@@ -145,33 +44,6 @@ fn main() {
         );
     }
 
-    let contenders = [
-        Contender {
-            name: "srcu (membarrier)",
-            section: srcu_membarrier,
-        },
-        Contender {
-            name: "srcu (fences)",
-            section: srcu_fences,
-        },
-        Contender {
-            name: "std RwLock read",
-            section: std_rwlock,
-        },
-        Contender {
-            name: "parking_lot RwLock read",
-            section: parking_lot_rwlock,
-        },
-        Contender {
-            name: "crossbeam_epoch::pin",
-            section: crossbeam_epoch_pin,
-        },
-        Contender {
-            name: "AtomicBool load (floor)",
-            section: atomic_load_floor,
-        },
-    ];
-
     println!();
     print!("{:<26}", "read lock+unlock");
     for threads in &thread_counts {
@@ -180,14 +52,12 @@ fn main() {
     println!();
     let mut single_thread_ns = Vec::new();
     let mut two_thread_ns = Vec::new();
-    for contender in &contenders {
+    for contender in &CONTENDERS {
         print!("{:<26}", contender.name);
         for &threads in &thread_counts {
-            let counts = run_readers(contender.section, threads, duration);
-            let total: u64 = counts.iter().sum();
-            let per_thread = total as f64 / threads as f64;
-            let nanos_per_op = duration.as_nanos() as f64 / per_thread.max(1.0);
-            let aggregate_mops = total as f64 / duration.as_secs_f64() / 1e6;
+            let rate = read_rate(contender.section, threads, duration);
+            let nanos_per_op = rate.nanoseconds_per_section;
+            let aggregate_mops = rate.aggregate_million_per_second;
             print!(" | {nanos_per_op:>9.2} {aggregate_mops:>10.1}");
             if threads == 1 {
                 single_thread_ns.push((contender.name, nanos_per_op));
@@ -205,7 +75,7 @@ fn main() {
             .find(|(row, _)| *row == name)
             .map_or(f64::NAN, |(_, value)| *value)
     };
-    let floor = lookup(&single_thread_ns, "AtomicBool load (floor)");
+    let floor = lookup(&single_thread_ns, FLOOR.name);
     println!();
     println!("ratios (same run):");
     for name in ["srcu (membarrier)", "srcu (fences)"] {

@@ -28,6 +28,8 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod barrier;
+#[cfg(all(feature = "bench", not(loom)))]
+pub mod bench;
 mod domain;
 mod reader;
 mod sync;

@@ -175,7 +175,9 @@ fn grace_periods_never_end_under_a_reader() {
     // two cores and measure the scheduler instead).
     let domain = Srcu::new();
     if domain.read_side() != ReadSide::Membarrier {
-        eprintln!("SKIPPED membarrier phase: this kernel or environment gives the fence read side");
+        test_support::skipped(format_args!(
+            "membarrier phase: this kernel or environment gives the fence read side"
+        ));
     } else {
         let (_, violations) = run_phase(domain);
         assert_eq!(

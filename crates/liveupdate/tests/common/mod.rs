@@ -185,7 +185,7 @@ pub fn reserve_huge_pages(count: u64) -> bool {
             .ok()
     };
     let Some(now) = free() else {
-        eprintln!("SKIPPED: hugetlb: /proc/meminfo has no HugePages_Free");
+        test_support::skipped(format_args!("hugetlb: /proc/meminfo has no HugePages_Free"));
         return false;
     };
     if now >= count {
@@ -197,11 +197,15 @@ pub fn reserve_huge_pages(count: u64) -> bool {
         .unwrap_or(0);
     let wanted = total + (count - now);
     if std::fs::write("/proc/sys/vm/nr_hugepages", wanted.to_string()).is_err() {
-        eprintln!("SKIPPED: hugetlb: cannot write /proc/sys/vm/nr_hugepages (not root?)");
+        test_support::skipped(format_args!(
+            "hugetlb: cannot write /proc/sys/vm/nr_hugepages (not root?)"
+        ));
         return false;
     }
     if free().unwrap_or(0) < count {
-        eprintln!("SKIPPED: hugetlb: the kernel could not reserve {count} huge pages");
+        test_support::skipped(format_args!(
+            "hugetlb: the kernel could not reserve {count} huge pages"
+        ));
         return false;
     }
     true
@@ -221,7 +225,9 @@ pub fn guest_arguments(seed: u64) -> Vec<String> {
     if huge_available() {
         arguments.push("--huge".to_owned());
     } else {
-        eprintln!("SKIPPED: the hugetlb (2 MiB folio) half of the guest: no huge pages");
+        test_support::skipped(format_args!(
+            "the hugetlb (2 MiB folio) half of the guest: no huge pages"
+        ));
     }
     arguments
 }
