@@ -60,7 +60,9 @@ fn the_demo_live_updates_a_running_guest_in_every_mode() {
         .open("/dev/kvm")
         .is_err()
     {
-        eprintln!("SKIPPED: the_demo_live_updates_a_running_guest_in_every_mode: no /dev/kvm");
+        test_support::skipped(format_args!(
+            "the_demo_live_updates_a_running_guest_in_every_mode: no /dev/kvm"
+        ));
         return;
     }
     let (report, _) = demo(&[]);
@@ -84,9 +86,9 @@ fn userfaultfd_available() -> bool {
 #[test]
 fn without_kvm_the_demo_runs_the_workload_on_host_threads_and_says_so() {
     if !userfaultfd_available() {
-        eprintln!(
-            "SKIPPED: without_kvm_the_demo_runs_the_workload_on_host_threads_and_says_so: no userfaultfd here"
-        );
+        test_support::skipped(format_args!(
+            "without_kvm_the_demo_runs_the_workload_on_host_threads_and_says_so: no userfaultfd here"
+        ));
         return;
     }
     let (report, stderr) = demo(&["--no-kvm"]);

@@ -187,7 +187,7 @@ mod tests {
         let backing = match Backing::create(4 << 20, Backend::Memfd) {
             Ok(backing) => backing,
             Err(error) => {
-                eprintln!("SKIPPED: fault service unavailable here: {error}");
+                test_support::skipped(format_args!("fault service unavailable here: {error}"));
                 return;
             }
         };

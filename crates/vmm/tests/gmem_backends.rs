@@ -18,7 +18,7 @@ fn run_on(backend: Backend) {
     let file = match GuestMemFile::create(SIZE, GmemFlags::HOST_ACCESSIBLE, backend) {
         Ok(file) => file,
         Err(error) => {
-            eprintln!("SKIPPED: guest on the {backend} backend: {error}");
+            test_support::skipped(format_args!("guest on the {backend} backend: {error}"));
             return;
         }
     };
@@ -81,7 +81,9 @@ fn guest_runs_and_resumes_on_a_gmem_hugetlb_file() {
     let _pages = match common::HugePages::reserve(SIZE / (2 << 20) + 2) {
         Ok(pages) => pages,
         Err(reason) => {
-            eprintln!("SKIPPED: guest_runs_and_resumes_on_a_gmem_hugetlb_file: {reason}");
+            test_support::skipped(format_args!(
+                "guest_runs_and_resumes_on_a_gmem_hugetlb_file: {reason}"
+            ));
             return;
         }
     };

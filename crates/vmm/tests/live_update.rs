@@ -46,7 +46,9 @@ fn fault_service_available(test: &str) -> bool {
     match vmm::backing::Backing::create(4 << 20, gmem::Backend::Memfd) {
         Ok(_) => true,
         Err(error) => {
-            eprintln!("SKIPPED: {test}: the fault service cannot start here ({error})");
+            test_support::skipped(format_args!(
+                "{test}: the fault service cannot start here ({error})"
+            ));
             false
         }
     }

@@ -23,7 +23,7 @@ fn vcpus_parked_on_a_frozen_file_stop_and_resume_with_their_faults_served() {
     let backing = match Backing::create(64 << 20, Backend::Memfd) {
         Ok(backing) => backing,
         Err(error) => {
-            eprintln!("SKIPPED: {test}: no fault service here ({error})");
+            test_support::skipped(format_args!("{test}: no fault service here ({error})"));
             return;
         }
     };

@@ -38,9 +38,9 @@ fn a_vcpu_parked_on_a_fault_stops_and_resumes_intact() {
     let faults = match uffd::FaultServer::register(base, memory.size()) {
         Ok(server) => server,
         Err(error) => {
-            eprintln!(
-                "SKIPPED: a_vcpu_parked_on_a_fault_stops_and_resumes_intact: userfaultfd unavailable ({error})"
-            );
+            test_support::skipped(format_args!(
+                "a_vcpu_parked_on_a_fault_stops_and_resumes_intact: userfaultfd unavailable ({error})"
+            ));
             return;
         }
     };

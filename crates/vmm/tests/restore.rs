@@ -126,7 +126,9 @@ fn guest_notices_lost_vector_registers() {
         .unwrap();
     let (mut state, _) = MachineState::capture(&old).unwrap();
     if state.vcpus[0].xsave.is_none() {
-        eprintln!("SKIPPED: guest_notices_lost_vector_registers: KVM has no XSAVE");
+        test_support::skipped(format_args!(
+            "guest_notices_lost_vector_registers: KVM has no XSAVE"
+        ));
         return;
     }
     let before = common::reports(&memory, &layout)[0];

@@ -119,10 +119,10 @@ fn assemble_and_compare(name: &str, source_text: &str, bytes: &[u8]) {
             .is_ok_and(|output| output.status.success())
     };
     if !have("as") || !have("objcopy") {
-        eprintln!(
-            "SKIPPED: guest_program_matches_source: GNU as and objcopy (binutils) are needed \
+        test_support::skipped(format_args!(
+            "guest_program_matches_source: GNU as and objcopy (binutils) are needed \
              to reassemble program.S"
-        );
+        ));
         return;
     }
     let directory = std::env::temp_dir().join(format!("vmm-guest-{}-{name}", std::process::id()));

@@ -17,7 +17,7 @@ pub fn kvm_available(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(error) => {
-            eprintln!("SKIPPED: {test}: /dev/kvm cannot be opened ({error})");
+            test_support::skipped(format_args!("{test}: /dev/kvm cannot be opened ({error})"));
             false
         }
     }
