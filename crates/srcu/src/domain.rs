@@ -50,7 +50,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::barrier::ReadSide;
 use crate::reader::{self, ORPHAN_OWNER, ReaderSlot, SharedSlot};
-use crate::sync::{self, Arc, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{self, Arc, AtomicU8, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Source of domain ids; 0 means "not assigned yet".
 static NEXT_DOMAIN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -117,7 +117,16 @@ struct Hot {
     index: AtomicUsize,
     /// Key of this domain in threads' slot caches, assigned on first use.
     id: AtomicU64,
+    /// The resolved read side ([`READ_SIDE_UNRESOLVED`] until first use),
+    /// kept here so a reader finds it on the line it reads anyway.
+    read_side: AtomicU8,
 }
+
+/// `Hot::read_side` before the domain's first use (loom domains never are).
+#[cfg_attr(loom, allow(dead_code))]
+const READ_SIDE_UNRESOLVED: u8 = 0;
+const READ_SIDE_MEMBARRIER: u8 = 1;
+const READ_SIDE_FENCES: u8 = 2;
 
 #[derive(Debug, Default)]
 struct GraceState {
@@ -150,6 +159,11 @@ impl Srcu {
             hot: CachePadded::new(Hot {
                 index: AtomicUsize::new(0),
                 id: AtomicU64::new(0),
+                read_side: AtomicU8::new(match fixed_read_side {
+                    None => READ_SIDE_UNRESOLVED,
+                    Some(ReadSide::Membarrier) => READ_SIDE_MEMBARRIER,
+                    Some(ReadSide::Fences) => READ_SIDE_FENCES,
+                }),
             }),
             orphan: CachePadded::new(ReaderSlot::new(ORPHAN_OWNER)),
             readers: Mutex::new(Vec::new()),
@@ -169,6 +183,7 @@ impl Srcu {
             hot: CachePadded::new(Hot {
                 index: AtomicUsize::new(0),
                 id: AtomicU64::new(0),
+                read_side: AtomicU8::new(READ_SIDE_FENCES),
             }),
             orphan: CachePadded::new(ReaderSlot::new(ORPHAN_OWNER)),
             readers: Mutex::new(Vec::new()),
@@ -181,10 +196,25 @@ impl Srcu {
     /// The read side this domain uses; fixed for the domain's whole life.
     #[inline(always)]
     pub fn read_side(&self) -> ReadSide {
-        match self.fixed_read_side {
-            Some(fixed) => fixed,
-            None => ReadSide::of_process(),
+        // Relaxed: the value is a pure function of `fixed_read_side` and the
+        // process mode, which never changes once resolved; every thread that
+        // resolves it stores the same value, so any value read is final.
+        match self.hot.read_side.load(Ordering::Relaxed) {
+            READ_SIDE_MEMBARRIER => ReadSide::Membarrier,
+            READ_SIDE_FENCES => ReadSide::Fences,
+            _ => self.resolve_read_side(),
         }
+    }
+
+    #[cold]
+    fn resolve_read_side(&self) -> ReadSide {
+        let resolved = self.fixed_read_side.unwrap_or_else(ReadSide::of_process);
+        let encoded = match resolved {
+            ReadSide::Membarrier => READ_SIDE_MEMBARRIER,
+            ReadSide::Fences => READ_SIDE_FENCES,
+        };
+        self.hot.read_side.store(encoded, Ordering::Relaxed);
+        resolved
     }
 
     /// Enters a read section; it lasts until the guard drops.
