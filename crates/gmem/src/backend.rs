@@ -13,7 +13,8 @@
 //!   the fault service every first touch reaches `get_folio`, so the freeze
 //!   binds every allocation.
 //! - `hugetlb`: memfd with MFD_HUGETLB | MFD_HUGE_2MB: 2 MiB folios from the
-//!   huge page pool (`/proc/sys/vm/nr_hugepages`).
+//!   huge page pool, which is empty until root raises it
+//!   (`crate::hugetlb::HugePageReservation`).
 
 use std::fmt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -10,6 +10,8 @@
 //! [`GuestMemFile::freeze`] guarded by one process-wide SRCU domain
 //! ([`FREEZE_DOMAIN`]), the shared NUMA policy, a safe view of the mapping,
 //! and [`GuestMemFile::populated`] for the preservation layer.
+//! [`hugetlb::HugePageReservation`] keeps 2 MiB pages available for the
+//! hugetlb backend.
 //!
 //! Why one global domain and not one per file (the seed's "Global vs.
 //! Per-Inode SRCU"): a domain costs per-thread slots; a per-file domain
@@ -40,6 +42,7 @@ pub mod bench;
 mod descriptor;
 mod error;
 mod file;
+pub mod hugetlb;
 mod index;
 pub mod policy;
 mod registry;

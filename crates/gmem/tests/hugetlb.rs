@@ -1,61 +1,17 @@
 //! The hugetlb backend: 2 MiB folios allocated and punched on 2 MiB
 //! boundaries, 4 KiB- and 2 MiB-unaligned requests rejected with EINVAL (the
 //! kernel guest_memfd's error for a misaligned request). The test reserves
-//! the huge pages it needs through /proc/sys/vm/nr_hugepages (as root) and
-//! restores the old value; it says so when it cannot.
+//! the huge pages it needs with `HugePageReservation` (as root), which gives
+//! them back; it says so when it cannot.
 
+use gmem::hugetlb::{HUGE_PAGE_SIZE, HugePageReservation};
 use gmem::{
     Backend, FallocMode, FolioOrder, GmemFlags, GuestMemFile, MemPolicy, NodeMask, PageIndex,
 };
 
-const HUGE: u64 = 2 << 20;
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+const HUGE: u64 = HUGE_PAGE_SIZE;
 /// Huge pages this test needs at most at once (4 in the file, plus slack).
 const NEEDED: u64 = 6;
-
-/// Raises nr_hugepages by what the test needs; restores the old value when
-/// dropped.
-struct HugePageReservation {
-    previous: u64,
-}
-
-impl HugePageReservation {
-    fn reserve(count: u64) -> Result<HugePageReservation, String> {
-        let previous: u64 = std::fs::read_to_string(NR_HUGEPAGES)
-            .map_err(|error| format!("cannot read {NR_HUGEPAGES}: {error}"))?
-            .trim()
-            .parse()
-            .map_err(|error| format!("bad {NR_HUGEPAGES}: {error}"))?;
-        let reservation = HugePageReservation { previous };
-        std::fs::write(NR_HUGEPAGES, (previous + count).to_string())
-            .map_err(|error| format!("cannot write {NR_HUGEPAGES} (root needed): {error}"))?;
-        let free = free_huge_pages();
-        if free < count {
-            return Err(format!(
-                "asked the kernel for {count} more huge pages, {free} are free"
-            ));
-        }
-        Ok(reservation)
-    }
-}
-
-impl Drop for HugePageReservation {
-    fn drop(&mut self) {
-        let _ = std::fs::write(NR_HUGEPAGES, self.previous.to_string());
-    }
-}
-
-fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|meminfo| {
-            meminfo
-                .lines()
-                .find_map(|line| line.strip_prefix("HugePages_Free:"))
-                .and_then(|value| value.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 fn kernel_huge_folios(file: &GuestMemFile) -> u64 {
     rustix::fs::fstat(file.as_fd()).expect("fstat").st_blocks as u64 * 512 / HUGE
@@ -63,7 +19,7 @@ fn kernel_huge_folios(file: &GuestMemFile) -> u64 {
 
 #[test]
 fn huge_folios_are_allocated_and_punched_on_2m_boundaries() {
-    let _reservation = match HugePageReservation::reserve(NEEDED) {
+    let _reservation = match HugePageReservation::ensure_available(NEEDED) {
         Ok(reservation) => reservation,
         Err(reason) => {
             test_support::skipped(format_args!("hugetlb backend not tested: {reason}"));

@@ -1,0 +1,509 @@
+//! Huge pages for the hugetlb backend: reserving 2 MiB pages in the
+//! kernel's pool and giving them back.
+//!
+//! Model: the kernel keeps one pool of 2 MiB huge pages per machine
+//! ([`POOL_DIRECTORY`]; `/proc/sys/vm/nr_hugepages` is the same pool where
+//! 2 MiB is the default huge page size, as on x86-64 unless the command
+//! line says otherwise, and this module uses the per-size files because the
+//! backend asks for 2 MiB pages by name, `MFD_HUGE_2MB`). A hugetlb file
+//! allocates from the pool and fails with ENOSPC when it is empty, and it
+//! stays empty until root raises `nr_hugepages`. A [`HugePageReservation`]
+//! makes sure a number of pages are available to its holder and, on drop,
+//! gives back exactly the pages it added.
+//!
+//! Invariant: a live reservation has added `added` pages to the pool and
+//! claims `pages` of it. Within this process the pages claimed by live
+//! reservations are not counted as available for a new one, so two
+//! reservations of N and M pages held at once find N + M pages, not
+//! max(N, M). Every read-modify-write of the pool size by this module runs
+//! under one process-wide lock, so reservations of concurrent threads do
+//! not lose each other's updates. (Other processes write the pool without
+//! that lock; a change they make between our read and our write of the
+//! pool size is lost, as with any writer of that file.)
+//!
+//! Success path of [`HugePageReservation::ensure_available`]:
+//! 1. Lock; read the pool size and the available pages (free pages not
+//!    promised to a mapping); subtract what live reservations of this
+//!    process claim.
+//! 2. If fewer than the pages asked for are left, raise `nr_hugepages` by
+//!    the shortfall (root only) and read back what the kernel made.
+//! 3. Check that the kernel made all of it and that the pages are
+//!    available; claim them.
+//!
+//! Failure paths (the pool is as before each of them):
+//! 1. No 2 MiB pool (a kernel without hugetlb): [`HugePageError::Read`],
+//!    ENOENT.
+//! 2. Not permitted to write `nr_hugepages` (not root):
+//!    [`HugePageError::NotPermitted`], EACCES or EPERM; nothing changed.
+//! 3. The kernel made fewer pages (memory too small or too fragmented), or
+//!    someone took them meanwhile: [`HugePageError::KernelShort`], ENOMEM;
+//!    what it did add is given back first.
+//!
+//! Drop: lock, release the claim, set the pool to its current size less
+//! what this reservation added, not to the size it had before: another
+//! process may have resized the pool meanwhile, and its pages stay.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use rustix::io::Errno;
+
+use crate::types::FolioOrder;
+
+/// Bytes of one huge page of the pool: the hugetlb backend's folio.
+pub const HUGE_PAGE_SIZE: u64 = FolioOrder::HUGE_2M.bytes();
+
+/// The kernel's directory of the 2 MiB huge page pool.
+pub const POOL_DIRECTORY: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+const POOL_SIZE_FILE: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+const FREE_FILE: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+const RESERVED_FILE: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages";
+
+/// Pages claimed by the live reservations of this process; its lock is the
+/// one every pool update of this module runs under.
+static CLAIMED: Mutex<u64> = Mutex::new(0);
+
+/// Why huge pages could not be reserved.
+#[derive(Debug, thiserror::Error)]
+pub enum HugePageError {
+    /// A file of the pool could not be read: ENOENT where the kernel has no
+    /// 2 MiB pool (built without hugetlb).
+    #[error("cannot read {path} (is there a 2 MiB huge page pool?): {errno}")]
+    Read {
+        /// The file.
+        path: &'static str,
+        /// The kernel's error.
+        errno: Errno,
+    },
+    /// A file of the pool did not hold a number (EINVAL).
+    #[error("{path} does not hold a page count: {text:?}")]
+    Malformed {
+        /// The file.
+        path: &'static str,
+        /// What it held.
+        text: String,
+    },
+    /// Raising the pool needs root (CAP_SYS_ADMIN): EACCES or EPERM.
+    #[error(
+        "raising the huge page pool to {pool} pages needs root: writing {POOL_SIZE_FILE}: {errno}"
+    )]
+    NotPermitted {
+        /// The pool size asked for.
+        pool: u64,
+        /// The kernel's error.
+        errno: Errno,
+    },
+    /// Writing the pool size failed otherwise.
+    #[error("cannot set the huge page pool to {pool} pages: writing {POOL_SIZE_FILE}: {errno}")]
+    Write {
+        /// The pool size asked for.
+        pool: u64,
+        /// The kernel's error.
+        errno: Errno,
+    },
+    /// The kernel made fewer pages than asked for, or they were taken
+    /// meanwhile (ENOMEM).
+    #[error(
+        "the kernel could not make {pages} huge pages of 2 MiB available: asked for a pool of \
+         {asked_pool}, it made {got_pool}, {available} available (too little or too fragmented \
+         memory, or another user of the pool)"
+    )]
+    KernelShort {
+        /// Pages asked for.
+        pages: u64,
+        /// The pool size asked of the kernel.
+        asked_pool: u64,
+        /// The pool size the kernel made.
+        got_pool: u64,
+        /// Pages available after the attempt.
+        available: u64,
+    },
+}
+
+impl HugePageError {
+    /// The errno that stands for this error.
+    pub fn errno(&self) -> i32 {
+        self.error_code().raw_os_error()
+    }
+
+    /// The errno as rustix's type.
+    pub fn error_code(&self) -> Errno {
+        match self {
+            HugePageError::Read { errno, .. }
+            | HugePageError::NotPermitted { errno, .. }
+            | HugePageError::Write { errno, .. } => *errno,
+            HugePageError::Malformed { .. } => Errno::INVAL,
+            HugePageError::KernelShort { .. } => Errno::NOMEM,
+        }
+    }
+}
+
+/// Huge pages to hold `bytes` (rounded up to whole pages).
+pub const fn pages_for(bytes: u64) -> u64 {
+    bytes.div_ceil(HUGE_PAGE_SIZE)
+}
+
+/// The size of the 2 MiB pool in pages (its `nr_hugepages`).
+///
+/// # Errors
+/// `Read` (ENOENT without a 2 MiB pool), `Malformed` (EINVAL).
+pub fn pool_size() -> Result<u64, HugePageError> {
+    KernelPool.size()
+}
+
+/// Pages of the 2 MiB pool a new hugetlb allocation can take now: the free
+/// ones less those promised to mappings (`free_hugepages - resv_hugepages`).
+///
+/// # Errors
+/// `Read` (ENOENT without a 2 MiB pool), `Malformed` (EINVAL).
+pub fn available_pages() -> Result<u64, HugePageError> {
+    KernelPool.available()
+}
+
+/// 2 MiB huge pages kept available for the holder; on drop the pool loses
+/// the pages this reservation added (see the module documentation).
+#[derive(Debug)]
+#[must_use = "the pages are given back when the reservation drops"]
+pub struct HugePageReservation {
+    grant: Grant,
+}
+
+impl HugePageReservation {
+    /// Makes sure `pages` huge pages of 2 MiB are available to the caller,
+    /// beyond those claimed by other live reservations of this process,
+    /// raising the pool by the shortfall. Needs root only when the pool
+    /// must grow.
+    ///
+    /// # Errors
+    /// - `Read` (ENOENT: no 2 MiB pool), `Malformed` (EINVAL): the pool's
+    ///   files.
+    /// - `NotPermitted` (EACCES, EPERM): the pool must grow and the caller
+    ///   is not root.
+    /// - `Write`: the kernel refused the new pool size otherwise.
+    /// - `KernelShort` (ENOMEM): the kernel could not make the pages.
+    pub fn ensure_available(pages: u64) -> Result<HugePageReservation, HugePageError> {
+        reserve(&KernelPool, &CLAIMED, pages).map(|grant| HugePageReservation { grant })
+    }
+
+    /// [`ensure_available`](Self::ensure_available) for enough pages to
+    /// hold `bytes`.
+    ///
+    /// # Errors
+    /// As `ensure_available`.
+    pub fn for_bytes(bytes: u64) -> Result<HugePageReservation, HugePageError> {
+        Self::ensure_available(pages_for(bytes))
+    }
+
+    /// Pages this reservation keeps available.
+    pub fn pages(&self) -> u64 {
+        self.grant.pages
+    }
+
+    /// Pages this reservation added to the pool (fewer than `pages` when
+    /// some were available already), given back on drop.
+    pub fn added_pages(&self) -> u64 {
+        self.grant.added
+    }
+}
+
+impl Drop for HugePageReservation {
+    fn drop(&mut self) {
+        release(&KernelPool, &CLAIMED, &self.grant);
+    }
+}
+
+/// What one reservation claims and added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Grant {
+    pages: u64,
+    added: u64,
+}
+
+/// The pool as this module sees it; the kernel's, or a model in the unit
+/// tests.
+trait Pool {
+    /// `nr_hugepages`.
+    fn size(&self) -> Result<u64, HugePageError>;
+    /// Free pages not promised to mappings.
+    fn available(&self) -> Result<u64, HugePageError>;
+    /// Writes `nr_hugepages`; the kernel makes what it can.
+    fn resize(&self, pages: u64) -> Result<(), HugePageError>;
+}
+
+/// The kernel's 2 MiB pool.
+struct KernelPool;
+
+impl KernelPool {
+    fn read(path: &'static str) -> Result<u64, HugePageError> {
+        let text = std::fs::read_to_string(path).map_err(|error| HugePageError::Read {
+            path,
+            errno: Errno::from_io_error(&error).unwrap_or(Errno::IO),
+        })?;
+        text.trim()
+            .parse()
+            .map_err(|_| HugePageError::Malformed { path, text })
+    }
+}
+
+impl Pool for KernelPool {
+    fn size(&self) -> Result<u64, HugePageError> {
+        Self::read(POOL_SIZE_FILE)
+    }
+
+    fn available(&self) -> Result<u64, HugePageError> {
+        Ok(Self::read(FREE_FILE)?.saturating_sub(Self::read(RESERVED_FILE)?))
+    }
+
+    fn resize(&self, pages: u64) -> Result<(), HugePageError> {
+        std::fs::write(POOL_SIZE_FILE, pages.to_string()).map_err(|error| {
+            match Errno::from_io_error(&error).unwrap_or(Errno::IO) {
+                errno @ (Errno::ACCESS | Errno::PERM) => {
+                    HugePageError::NotPermitted { pool: pages, errno }
+                }
+                errno => HugePageError::Write { pool: pages, errno },
+            }
+        })
+    }
+}
+
+fn lock(claimed: &Mutex<u64>) -> MutexGuard<'_, u64> {
+    // The count is updated in single statements; a panic elsewhere while
+    // holding the lock cannot leave it half-written.
+    claimed.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Steps 1-3 of the module's success path and its failure paths.
+fn reserve(pool: &impl Pool, claimed: &Mutex<u64>, pages: u64) -> Result<Grant, HugePageError> {
+    let mut claimed = lock(claimed);
+    let previous_pool = pool.size()?;
+    let unclaimed = pool.available()?.saturating_sub(*claimed);
+    let shortfall = pages.saturating_sub(unclaimed);
+    let mut grant = Grant { pages, added: 0 };
+    if shortfall > 0 {
+        let asked_pool = previous_pool.saturating_add(shortfall);
+        pool.resize(asked_pool)?;
+        // Read back what the kernel made; if even that fails, assume it made
+        // everything, so that giving back cannot leave pages behind.
+        let outcome = pool
+            .size()
+            .and_then(|got_pool| Ok((got_pool, pool.available()?)));
+        let (added, result) = match outcome {
+            Ok((got_pool, available)) => {
+                let added = got_pool.saturating_sub(previous_pool).min(shortfall);
+                let short = HugePageError::KernelShort {
+                    pages,
+                    asked_pool,
+                    got_pool,
+                    available,
+                };
+                let enough = added == shortfall && available >= pages;
+                (added, if enough { Ok(()) } else { Err(short) })
+            }
+            Err(error) => (shortfall, Err(error)),
+        };
+        grant.added = added;
+        if let Err(error) = result {
+            give_back(pool, added);
+            return Err(error);
+        }
+    }
+    *claimed += pages;
+    Ok(grant)
+}
+
+/// The drop of a reservation: release its claim and the pages it added.
+fn release(pool: &impl Pool, claimed: &Mutex<u64>, grant: &Grant) {
+    let mut claimed = lock(claimed);
+    *claimed = claimed.saturating_sub(grant.pages);
+    give_back(pool, grant.added);
+}
+
+/// Shrinks the pool by `added`, from its current size: pages that others
+/// added meanwhile stay. Runs under the lock of `CLAIMED`.
+fn give_back(pool: &impl Pool, added: u64) {
+    if added == 0 {
+        return;
+    }
+    let result = pool
+        .size()
+        .and_then(|current| pool.resize(current.saturating_sub(added)));
+    if let Err(error) = result {
+        tracing::warn!(%error, added, "could not give huge pages back to the pool");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// A model of the kernel's pool: it can make at most `capacity` pages;
+    /// `used` pages are allocated by files.
+    struct ModelPool {
+        state: RefCell<ModelState>,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    struct ModelState {
+        size: u64,
+        used: u64,
+        capacity: u64,
+        root: bool,
+        writes: u32,
+    }
+
+    impl ModelPool {
+        fn new(size: u64, capacity: u64, root: bool) -> ModelPool {
+            ModelPool {
+                state: RefCell::new(ModelState {
+                    size,
+                    used: 0,
+                    capacity,
+                    root,
+                    writes: 0,
+                }),
+            }
+        }
+
+        fn state(&self) -> ModelState {
+            *self.state.borrow()
+        }
+
+        fn set(&self, change: impl FnOnce(&mut ModelState)) {
+            change(&mut self.state.borrow_mut());
+        }
+    }
+
+    impl Pool for ModelPool {
+        fn size(&self) -> Result<u64, HugePageError> {
+            Ok(self.state.borrow().size)
+        }
+
+        fn available(&self) -> Result<u64, HugePageError> {
+            let state = self.state.borrow();
+            Ok(state.size.saturating_sub(state.used))
+        }
+
+        fn resize(&self, pages: u64) -> Result<(), HugePageError> {
+            let mut state = self.state.borrow_mut();
+            if !state.root {
+                return Err(HugePageError::NotPermitted {
+                    pool: pages,
+                    errno: Errno::ACCESS,
+                });
+            }
+            state.writes += 1;
+            state.size = pages.min(state.capacity);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn only_the_shortfall_is_added_and_given_back() {
+        let pool = ModelPool::new(2, 100, true);
+        let claimed = Mutex::new(0);
+        let grant = reserve(&pool, &claimed, 5).unwrap();
+        assert_eq!(grant, Grant { pages: 5, added: 3 });
+        assert_eq!(pool.state().size, 5);
+        assert_eq!(*claimed.lock().unwrap(), 5);
+        release(&pool, &claimed, &grant);
+        assert_eq!(pool.state().size, 2);
+        assert_eq!(*claimed.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn enough_available_pages_need_no_write_and_no_root() {
+        let pool = ModelPool::new(4, 100, false);
+        let claimed = Mutex::new(0);
+        let grant = reserve(&pool, &claimed, 4).unwrap();
+        assert_eq!(grant.added, 0);
+        release(&pool, &claimed, &grant);
+        assert_eq!((pool.state().size, pool.state().writes), (4, 0));
+    }
+
+    #[test]
+    fn reservations_held_at_once_add_up() {
+        let pool = ModelPool::new(0, 100, true);
+        let claimed = Mutex::new(0);
+        let first = reserve(&pool, &claimed, 3).unwrap();
+        let second = reserve(&pool, &claimed, 3).unwrap();
+        assert_eq!((first.added, second.added), (3, 3));
+        assert_eq!(pool.state().size, 6);
+        release(&pool, &claimed, &first);
+        release(&pool, &claimed, &second);
+        assert_eq!(pool.state().size, 0);
+    }
+
+    #[test]
+    fn pages_a_holder_has_used_do_not_fail_the_next_reservation() {
+        let pool = ModelPool::new(0, 100, true);
+        let claimed = Mutex::new(0);
+        let first = reserve(&pool, &claimed, 3).unwrap();
+        pool.set(|state| state.used = 3);
+        let second = reserve(&pool, &claimed, 2).unwrap();
+        assert_eq!(second.added, 2);
+        assert_eq!(pool.state().size, 5);
+        release(&pool, &claimed, &second);
+        release(&pool, &claimed, &first);
+        assert_eq!(pool.state().size, 0);
+    }
+
+    #[test]
+    fn drop_subtracts_only_what_it_added_when_the_pool_changed_meanwhile() {
+        let pool = ModelPool::new(1, 100, true);
+        let claimed = Mutex::new(0);
+        let grant = reserve(&pool, &claimed, 4).unwrap();
+        assert_eq!(grant.added, 3);
+        // Another process raises the pool for itself.
+        pool.set(|state| state.size = 10);
+        release(&pool, &claimed, &grant);
+        assert_eq!(pool.state().size, 7);
+    }
+
+    #[test]
+    fn without_root_a_growing_pool_is_refused_and_nothing_changes() {
+        let pool = ModelPool::new(1, 100, false);
+        let claimed = Mutex::new(0);
+        let error = reserve(&pool, &claimed, 2).unwrap_err();
+        assert!(
+            matches!(error, HugePageError::NotPermitted { pool: 2, .. }),
+            "{error:?}"
+        );
+        assert_eq!(error.errno(), libc::EACCES);
+        assert!(error.to_string().contains("needs root"), "{error}");
+        assert_eq!(pool.state().size, 1);
+        assert_eq!(*claimed.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_kernel_short_of_pages_is_reported_and_what_it_made_given_back() {
+        let pool = ModelPool::new(1, 3, true);
+        let claimed = Mutex::new(0);
+        let error = reserve(&pool, &claimed, 5).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                HugePageError::KernelShort {
+                    pages: 5,
+                    asked_pool: 5,
+                    got_pool: 3,
+                    available: 3
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(error.errno(), libc::ENOMEM);
+        assert_eq!(pool.state().size, 1);
+        assert_eq!(*claimed.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn pages_for_rounds_up_to_whole_huge_pages() {
+        assert_eq!(pages_for(0), 0);
+        assert_eq!(pages_for(1), 1);
+        assert_eq!(pages_for(HUGE_PAGE_SIZE), 1);
+        assert_eq!(pages_for(HUGE_PAGE_SIZE + 1), 2);
+        assert_eq!(HUGE_PAGE_SIZE, 2 << 20);
+    }
+}
