@@ -259,48 +259,10 @@ fn kvm_backend_is_refused() {
     assert_eq!(error.errno(), libc::EOPNOTSUPP);
 }
 
-/// Raises nr_hugepages by `count`; restores the old value when dropped.
-struct HugePageReservation {
-    previous: u64,
-}
-
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-
-impl HugePageReservation {
-    fn reserve(count: u64) -> Result<HugePageReservation, String> {
-        let previous: u64 = std::fs::read_to_string(NR_HUGEPAGES)
-            .map_err(|error| format!("cannot read {NR_HUGEPAGES}: {error}"))?
-            .trim()
-            .parse()
-            .map_err(|error| format!("bad {NR_HUGEPAGES}: {error}"))?;
-        let reservation = HugePageReservation { previous };
-        std::fs::write(NR_HUGEPAGES, (previous + count).to_string())
-            .map_err(|error| format!("cannot write {NR_HUGEPAGES} (root needed): {error}"))?;
-        if free_huge_pages() < count {
-            return Err(format!(
-                "the kernel did not provide {count} more huge pages"
-            ));
-        }
-        Ok(reservation)
-    }
-}
-
-impl Drop for HugePageReservation {
-    fn drop(&mut self) {
-        let _ = std::fs::write(NR_HUGEPAGES, self.previous.to_string());
-    }
-}
-
+/// Huge pages available for a new allocation; 0 when the pool cannot be
+/// read (the reservation before it has said why already).
 fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|meminfo| {
-            meminfo
-                .lines()
-                .find_map(|line| line.strip_prefix("HugePages_Free:"))
-                .and_then(|value| value.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    gmem::hugetlb::available_pages().unwrap_or(0)
 }
 
 #[test]
@@ -308,8 +270,8 @@ fn a_fault_that_cannot_be_served_is_reported_and_retried() {
     // Exhaust the huge page pool with a "hog" file, so the service's
     // get_folio fails with ENOSPC: the fault must be reported as Failed and
     // stay parked (the toucher blocked), then be served once a page is free.
-    let huge = 2u64 << 20;
-    let _reservation = match HugePageReservation::reserve(1) {
+    let huge = gmem::hugetlb::HUGE_PAGE_SIZE;
+    let _reservation = match gmem::hugetlb::HugePageReservation::ensure_available(1) {
         Ok(reservation) => reservation,
         Err(reason) => {
             test_support::skipped(format_args!("hugetlb failure path not tested: {reason}"));
