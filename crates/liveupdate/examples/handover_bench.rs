@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gmem::Backend;
+use gmem::hugetlb::HugePageReservation;
 use liveupdate::bench::{
-    HUGE_PAGE, HandoverBench, HugePageReservation, Launcher, Times, Transport, copy_baseline,
-    is_role, run_role,
+    HandoverBench, Launcher, Times, Transport, copy_baseline, is_role, run_role,
 };
 
 const GIB: u64 = 1 << 30;
@@ -101,7 +101,7 @@ fn run_all(launcher: Launcher) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (backend, size) in configurations {
         let _reservation = if backend == Backend::Hugetlb {
-            match HugePageReservation::reserve(size / HUGE_PAGE) {
+            match HugePageReservation::for_bytes(size) {
                 Ok(reservation) => Some(reservation),
                 Err(error) => {
                     println!(

@@ -55,10 +55,6 @@ use crate::luod::server::{Daemon, DaemonConfig};
 use crate::transport::{exec, transfer};
 use crate::{HandlerRegistry, Incoming, LiveUpdate, LuError, Token};
 
-/// A 2 MiB huge page, the hugetlb backend's folio.
-pub const HUGE_PAGE: u64 = 2 << 20;
-const HUGE_PAGES_KNOB: &str = "/proc/sys/vm/nr_hugepages";
-
 /// Why a measurement failed or could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -82,16 +78,6 @@ pub enum BenchError {
     Role {
         /// What went wrong.
         reason: String,
-    },
-    /// The kernel could not make enough huge pages free.
-    #[error(
-        "could not reserve {wanted} huge pages of 2 MiB: only {free} free after raising {HUGE_PAGES_KNOB}"
-    )]
-    HugePages {
-        /// Pages asked for.
-        wanted: u64,
-        /// Pages free after the attempt.
-        free: u64,
     },
 }
 
@@ -779,76 +765,6 @@ fn meminfo_field(name: &str) -> Result<u64, BenchError> {
             operation: format!("finding {name} in /proc/meminfo"),
             errno: Errno::NOENT,
         })
-}
-
-/// Huge pages added to the pool for a measurement; the pool goes back to
-/// its former size on drop (less what this reservation added, should some
-/// other process have resized the pool meanwhile).
-#[derive(Debug)]
-pub struct HugePageReservation {
-    previous: u64,
-    added: u64,
-}
-
-impl HugePageReservation {
-    /// Raises `/proc/sys/vm/nr_hugepages` until `pages` 2 MiB pages are
-    /// free (needs root). If the kernel cannot find them (memory too
-    /// fragmented or too little), the pool is restored and
-    /// `BenchError::HugePages` returned.
-    ///
-    /// Errors: `System` (EACCES without root) for the knob; `HugePages`.
-    pub fn reserve(pages: u64) -> Result<HugePageReservation, BenchError> {
-        let previous = Self::pool_size()?;
-        let free_now = meminfo_field("HugePages_Free:")?;
-        let added = pages.saturating_sub(free_now);
-        let reservation = HugePageReservation { previous, added };
-        let wanted_pool = previous + added;
-        std::fs::write(HUGE_PAGES_KNOB, wanted_pool.to_string())
-            .map_err(io(format!("writing {HUGE_PAGES_KNOB}")))?;
-        let free = meminfo_field("HugePages_Free:")?;
-        if free < pages {
-            // `reservation` restores the pool when it drops here.
-            return Err(BenchError::HugePages {
-                wanted: pages,
-                free,
-            });
-        }
-        Ok(reservation)
-    }
-
-    fn pool_size() -> Result<u64, BenchError> {
-        let text = std::fs::read_to_string(HUGE_PAGES_KNOB)
-            .map_err(io(format!("reading {HUGE_PAGES_KNOB}")))?;
-        text.trim().parse().map_err(|_| BenchError::System {
-            operation: format!("parsing {HUGE_PAGES_KNOB} ({text:?})"),
-            errno: Errno::INVAL,
-        })
-    }
-
-    /// The pool size before the reservation (restored on drop).
-    pub fn previous_pool(&self) -> u64 {
-        self.previous
-    }
-
-    /// Pages this reservation added to the pool (fewer than asked for when
-    /// some were free already).
-    pub fn added_pages(&self) -> u64 {
-        self.added
-    }
-}
-
-impl Drop for HugePageReservation {
-    fn drop(&mut self) {
-        let restored = match Self::pool_size() {
-            Ok(current) if current != self.previous + self.added => {
-                current.saturating_sub(self.added)
-            }
-            _ => self.previous,
-        };
-        if let Err(error) = std::fs::write(HUGE_PAGES_KNOB, restored.to_string()) {
-            tracing::warn!(%error, restored, "could not restore {HUGE_PAGES_KNOB}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ use std::time::Duration;
 use anyhow::Context;
 use gmem::Backend;
 use gmem::bench::Allocation;
-use liveupdate::bench::{HandoverBench, HugePageReservation, Launcher, Transport};
+use gmem::hugetlb::HugePageReservation;
+use liveupdate::bench::{HandoverBench, Launcher, Transport};
 
 use super::progress::Progress;
 use super::report::{HandoverPoint, Measured, ReadRatePoint, Series, Settings, Skipped, Unit};
@@ -582,8 +583,7 @@ fn prepare(plan: &Plan, backend: Backend, size: u64) -> Result<Prepared, String>
         ));
     }
     let reservation = if backend == Backend::Hugetlb {
-        let pages = size / liveupdate::bench::HUGE_PAGE;
-        Some(HugePageReservation::reserve(pages).map_err(|error| error.to_string())?)
+        Some(HugePageReservation::for_bytes(size).map_err(|error| error.to_string())?)
     } else {
         None
     };
