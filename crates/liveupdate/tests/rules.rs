@@ -882,6 +882,7 @@ fn stress_concurrent_preserves_of_one_file_admit_exactly_one() {
 
 // ---- gmem handler ----
 
+use gmem::hugetlb::HugePageReservation;
 use gmem::{Backend, FallocMode, GmemFlags, GuestMemFile, MemPolicy, NodeMask, PageIndex};
 use liveupdate::handlers::gmem_data::GmemData;
 
@@ -971,7 +972,10 @@ fn gmem_freeze_walks_the_page_index_into_the_record() {
         .unwrap();
     let session = fixture.live_update.create_session("vm").unwrap();
     session.preserve(Token(0), small.as_fd()).unwrap();
-    let huge = if huge_pages(8) {
+    let huge_pages = HugePageReservation::ensure_available(8)
+        .inspect_err(|error| test_support::skipped(format_args!("the hugetlb part: {error}")))
+        .ok();
+    let huge = if huge_pages.is_some() {
         let huge = guest_file(8 << 20, Backend::Hugetlb);
         huge.fallocate(FallocMode::ALLOCATE, 2 << 20, 4 << 20)
             .unwrap();
@@ -1002,40 +1006,6 @@ fn gmem_freeze_walks_the_page_index_into_the_record() {
         assert_eq!(huge.populated_count(), 2);
     }
     handover.abort();
-}
-
-fn free_huge_pages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|meminfo| {
-            meminfo
-                .lines()
-                .find(|line| line.starts_with("HugePages_Free:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-/// Makes sure `count` 2 MiB pages are free, raising the pool if needed.
-fn huge_pages(count: u64) -> bool {
-    if free_huge_pages() >= count {
-        return true;
-    }
-    let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(0);
-    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + count).to_string());
-    if free_huge_pages() < count {
-        test_support::skipped(format_args!(
-            "the hugetlb part: cannot reserve {count} huge pages"
-        ));
-        return false;
-    }
-    true
 }
 
 #[test]

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
+
+use gmem::hugetlb::HugePageReservation;
 
 pub const PEER: &str = env!("CARGO_BIN_EXE_liveupdate-peer");
 pub const LUOD: &str = env!("CARGO_BIN_EXE_luod");
@@ -171,52 +174,39 @@ impl Drop for Process {
     }
 }
 
-/// Makes sure `count` free 2 MiB huge pages exist, raising
-/// `vm.nr_hugepages` if needed; `false` (after printing why) if impossible.
-pub fn reserve_huge_pages(count: u64) -> bool {
-    let free = || -> Option<u64> {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-        meminfo
-            .lines()
-            .find(|line| line.starts_with("HugePages_Free:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    let Some(now) = free() else {
-        test_support::skipped(format_args!("hugetlb: /proc/meminfo has no HugePages_Free"));
-        return false;
-    };
-    if now >= count {
-        return true;
-    }
-    let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(0);
-    let wanted = total + (count - now);
-    if std::fs::write("/proc/sys/vm/nr_hugepages", wanted.to_string()).is_err() {
-        test_support::skipped(format_args!(
-            "hugetlb: cannot write /proc/sys/vm/nr_hugepages (not root?)"
-        ));
-        return false;
-    }
-    if free().unwrap_or(0) < count {
-        test_support::skipped(format_args!(
-            "hugetlb: the kernel could not reserve {count} huge pages"
-        ));
-        return false;
-    }
-    true
+/// The reservation behind [`huge_available`], held for the whole test
+/// process: the peers and luod of several tests use its pages, also after
+/// the test that deposited them has ended.
+static HUGE_PAGES: Mutex<Option<HugePageReservation>> = Mutex::new(None);
+
+/// Gives the reservation back at exit (statics are never dropped).
+extern "C" fn give_back_huge_pages() {
+    let reservation = HUGE_PAGES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    drop(reservation);
 }
 
 /// Whether the guest may include its hugetlb part: 64 huge pages (128 MiB)
 /// are reserved once per test binary, enough for the tests of one binary
-/// running at once (16 each).
+/// running at once (16 each), and given back when it exits.
 pub fn huge_available() -> bool {
-    static RESERVED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *RESERVED.get_or_init(|| reserve_huge_pages(64))
+    static RESERVED: OnceLock<bool> = OnceLock::new();
+    *RESERVED.get_or_init(|| match HugePageReservation::ensure_available(64) {
+        Ok(reservation) => {
+            *HUGE_PAGES.lock().unwrap_or_else(PoisonError::into_inner) = Some(reservation);
+            // SAFETY: atexit only records the handler; the handler takes no
+            // arguments and touches nothing but the static above, which
+            // outlives every exit handler.
+            unsafe { libc::atexit(give_back_huge_pages) };
+            true
+        }
+        Err(error) => {
+            test_support::skipped(format_args!("hugetlb: {error}"));
+            false
+        }
+    })
 }
 
 /// The peer's guest arguments: seed, and `--huge` when available.
