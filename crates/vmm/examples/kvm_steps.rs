@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use gmem::hugetlb::HugePageReservation;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::Kvm;
 use vmm::guest::{GuestMonitor, GuestOptions, GuestReport, probed_gaps};
@@ -41,7 +42,7 @@ struct Options {
     #[arg(long, default_value_t = 5)]
     updates: usize,
     /// Also run the updates with guest memory in 2 MiB hugetlb pages
-    /// (reserves them in /proc/sys/vm/nr_hugepages and gives them back).
+    /// (reserves them in the huge page pool and gives them back).
     #[arg(long)]
     huge: bool,
     /// Skip the KVM step table.
@@ -417,34 +418,18 @@ fn updates(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Raises the hugetlb pool to hold `bytes` more, returning the old size.
-fn reserve_huge_pages(bytes: u64) -> anyhow::Result<u64> {
-    const POOL: &str = "/proc/sys/vm/nr_hugepages";
-    let old: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
-    let wanted = old + bytes.div_ceil(2 << 20);
-    std::fs::write(POOL, wanted.to_string()).context("reserving huge pages (needs root)")?;
-    let got: u64 = std::fs::read_to_string(POOL)?.trim().parse()?;
-    anyhow::ensure!(
-        got >= wanted,
-        "only {got} of {wanted} huge pages could be reserved"
-    );
-    Ok(old)
-}
-
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
     if !options.skip_steps {
         kvm_steps(&options)?;
     }
-    let pool = if options.huge {
+    // The huge pages go back to the pool when `_pool` drops, also after a
+    // failed update.
+    let _pool = if options.huge {
         let largest = options.sizes_mib.iter().max().copied().unwrap_or(0) << 20;
-        Some(reserve_huge_pages(largest)?)
+        Some(HugePageReservation::for_bytes(largest).context("reserving huge pages")?)
     } else {
         None
     };
-    let result = updates(&options);
-    if let Some(old) = pool {
-        std::fs::write("/proc/sys/vm/nr_hugepages", old.to_string())?;
-    }
-    result
+    updates(&options)
 }

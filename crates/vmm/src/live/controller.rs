@@ -273,47 +273,6 @@ impl Drop for LuodThread {
     }
 }
 
-/// Huge pages reserved for a hugetlb-backed run, given back on drop.
-struct HugePool {
-    previous: u64,
-}
-
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-
-impl HugePool {
-    /// Raises the pool by enough 2 MiB pages for `bytes` (root only).
-    fn reserve(bytes: u64) -> Result<Self, String> {
-        let read = || -> Result<u64, String> {
-            std::fs::read_to_string(NR_HUGEPAGES)
-                .map_err(|error| format!("reading {NR_HUGEPAGES}: {error}"))?
-                .trim()
-                .parse()
-                .map_err(|error| format!("parsing {NR_HUGEPAGES}: {error}"))
-        };
-        let previous = read()?;
-        let wanted = previous + bytes.div_ceil(2 << 20);
-        std::fs::write(NR_HUGEPAGES, wanted.to_string()).map_err(|error| {
-            format!("reserving huge pages in {NR_HUGEPAGES} (needs root): {error}")
-        })?;
-        let pool = Self { previous };
-        let got = read()?;
-        if got < wanted {
-            return Err(format!(
-                "the kernel gave {} of the {} huge pages asked for",
-                got - previous,
-                wanted - previous
-            ));
-        }
-        Ok(pool)
-    }
-}
-
-impl Drop for HugePool {
-    fn drop(&mut self) {
-        let _ = std::fs::write(NR_HUGEPAGES, self.previous.to_string());
-    }
-}
-
 /// The run directory, removed on drop.
 struct RunDir(PathBuf);
 
@@ -368,7 +327,10 @@ pub fn run_demo(
     // process's orphaned descendants are reparented.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let _huge_pages = if config.backend == BackendChoice::Hugetlb {
-        Some(HugePool::reserve(config.size)?)
+        Some(
+            gmem::hugetlb::HugePageReservation::for_bytes(config.size)
+                .map_err(|error| error.to_string())?,
+        )
     } else {
         None
     };
