@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gmem::hugetlb::{HugePageReservation, pages_for};
 use gmem::{Backend, FallocMode, GmemFlags, GuestMemFile};
 use vmm::guest::{GuestMonitor, GuestOptions, check_pages};
 use vmm::machine::{Machine, MachineConfig};
@@ -78,7 +79,7 @@ fn guest_runs_and_resumes_on_a_gmem_hugetlb_file() {
     if !common::kvm_available("guest_runs_and_resumes_on_a_gmem_hugetlb_file") {
         return;
     }
-    let _pages = match common::HugePages::reserve(SIZE / (2 << 20) + 2) {
+    let _pages = match HugePageReservation::ensure_available(pages_for(SIZE) + 2) {
         Ok(pages) => pages,
         Err(reason) => {
             test_support::skipped(format_args!(
