@@ -133,7 +133,12 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let script = Arc::new(Mutex::new(Script::default()));
+    fixture_with(Arc::default())
+}
+
+/// A fixture whose pipe handler follows `script` (shared with an earlier
+/// fixture to script a successor).
+fn fixture_with(script: Arc<Mutex<Script>>) -> Fixture {
     let mut registry = HandlerRegistry::with_builtin_handlers();
     registry
         .register(Arc::new(PipeHandler {
@@ -605,21 +610,6 @@ fn finish_is_all_or_nothing_in_reverse_order_and_releases_unretrieved_files() {
         warnings.contains("never retrieved") && warnings.contains("0x65"),
         "no warning naming token 0x65 (101): {warnings}"
     );
-}
-
-fn fixture_with(script: Arc<Mutex<Script>>) -> Fixture {
-    let mut registry = HandlerRegistry::with_builtin_handlers();
-    registry
-        .register(Arc::new(PipeHandler {
-            compatible: Compatible::new("test-pipe", 1).unwrap(),
-            script: script.clone(),
-        }))
-        .unwrap();
-    Fixture {
-        live_update: LiveUpdate::new(registry.clone()),
-        registry,
-        script,
-    }
 }
 
 #[derive(Clone, Default)]
