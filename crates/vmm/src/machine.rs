@@ -292,15 +292,7 @@ impl Machine {
     /// As [`RunningVcpus::start`]; the machine is lost with the error.
     pub fn start(self, handler: Arc<dyn ExitHandler>) -> Result<RunningMachine> {
         let spec = Arc::new(CaptureSpec::of(&self.kvm)?);
-        let Self {
-            kvm,
-            vm,
-            memory,
-            layout,
-            vcpus,
-            timings,
-            scratch,
-        } = self;
+        let (shell, vcpus) = self.into_shell();
         let (running, _) = RunningVcpus::spawn(
             vcpus,
             handler,
@@ -309,17 +301,7 @@ impl Machine {
                 capture: Some(spec),
             },
         )?;
-        Ok(RunningMachine {
-            shell: Shell {
-                kvm,
-                vm,
-                memory,
-                layout,
-                timings,
-                scratch,
-            },
-            running,
-        })
+        Ok(RunningMachine { shell, running })
     }
 
     /// Spawns the vCPU threads now, waiting, so that a later
@@ -333,6 +315,14 @@ impl Machine {
     /// cannot be read.
     pub fn arm(self, handler: Arc<dyn ExitHandler>) -> Result<ArmedMachine> {
         let spec = Arc::new(CaptureSpec::of(&self.kvm)?);
+        let (shell, vcpus) = self.into_shell();
+        let armed = ArmedVcpus::spawn(vcpus, handler, Some(spec))?;
+        Ok(ArmedMachine { armed, shell })
+    }
+
+    /// Splits the machine into what stays with the host and the vCPUs,
+    /// which go to their threads.
+    fn into_shell(self) -> (Shell, Vec<Vcpu>) {
         let Self {
             kvm,
             vm,
@@ -342,18 +332,15 @@ impl Machine {
             timings,
             scratch,
         } = self;
-        let armed = ArmedVcpus::spawn(vcpus, handler, Some(spec))?;
-        Ok(ArmedMachine {
-            armed,
-            shell: Shell {
-                kvm,
-                vm,
-                memory,
-                layout,
-                timings,
-                scratch,
-            },
-        })
+        let shell = Shell {
+            kvm,
+            vm,
+            memory,
+            layout,
+            timings,
+            scratch,
+        };
+        (shell, vcpus)
     }
 
     /// The guest memory.
@@ -466,6 +453,30 @@ struct Shell {
     scratch: Option<crate::prefault::Scratch>,
 }
 
+impl Shell {
+    /// The inverse of [`Machine::into_shell`]: the stopped vCPUs back in
+    /// their machine.
+    fn into_machine(self, vcpus: Vec<Vcpu>) -> Machine {
+        let Shell {
+            kvm,
+            vm,
+            memory,
+            layout,
+            timings,
+            scratch,
+        } = self;
+        Machine {
+            kvm,
+            vm,
+            memory,
+            layout,
+            vcpus,
+            timings,
+            scratch,
+        }
+    }
+}
+
 /// A machine whose vCPUs are running.
 #[derive(Debug)]
 pub struct RunningMachine {
@@ -526,10 +537,7 @@ impl RunningMachine {
         let first_entries = running.first_entries();
         match running.stop(timeout) {
             Ok(outcomes) => Ok(Self::reassemble(shell, outcomes, kicked_at, first_entries)),
-            Err((running, error)) if matches!(error, VmmError::StopTimeout { .. }) => {
-                Err(StopError::Running(Box::new(Self { running, shell }), error))
-            }
-            Err((_, error)) => Err(StopError::Lost(error)),
+            Err(failed) => Err(Self::failed_stop(shell, failed)),
         }
     }
 
@@ -549,10 +557,7 @@ impl RunningMachine {
         let first_entries = running.first_entries();
         let mut outcomes = match running.stop_capturing(timeout) {
             Ok(outcomes) => outcomes,
-            Err((running, error)) if matches!(error, VmmError::StopTimeout { .. }) => {
-                return Err(StopError::Running(Box::new(Self { running, shell }), error));
-            }
-            Err((_, error)) => return Err(StopError::Lost(error)),
+            Err(failed) => return Err(Self::failed_stop(shell, failed)),
         };
         let mut vcpus = Vec::with_capacity(outcomes.len());
         let mut failure = None;
@@ -618,6 +623,16 @@ impl RunningMachine {
         }
     }
 
+    /// A stop that failed: vCPUs that did not stop in time give the machine
+    /// back; any other error loses it.
+    fn failed_stop(shell: Shell, (running, error): (RunningVcpus, VmmError)) -> StopError {
+        if matches!(error, VmmError::StopTimeout { .. }) {
+            StopError::Running(Box::new(Self { running, shell }), error)
+        } else {
+            StopError::Lost(error)
+        }
+    }
+
     fn reassemble(
         shell: Shell,
         outcomes: Vec<VcpuOutcome>,
@@ -635,24 +650,8 @@ impl RunningMachine {
             vcpus.push(outcome.vcpu);
             ends.push(outcome.end);
         }
-        let Shell {
-            kvm,
-            vm,
-            memory,
-            layout,
-            timings,
-            scratch,
-        } = shell;
         (
-            Machine {
-                kvm,
-                vm,
-                memory,
-                layout,
-                vcpus,
-                timings,
-                scratch,
-            },
+            shell.into_machine(vcpus),
             StopReport {
                 ends,
                 kicked_at,
