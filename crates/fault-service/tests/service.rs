@@ -48,6 +48,48 @@ fn value(thread: u64, page: u64) -> u64 {
     (thread + 1) << 32 | page
 }
 
+/// A thread that touches one page (slot 0) and says when the touch returned.
+struct Toucher {
+    done: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Toucher {
+    fn spawn(base: Base, page: u64, value: u64) -> Toucher {
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let value = base.touch(page, 0, value);
+                // Pairs with the Acquire load in `is_done`.
+                done.store(true, Ordering::Release);
+                value
+            })
+        };
+        Toucher { done, thread }
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Waits for the touch; the value it read back.
+    fn join(self) -> u64 {
+        self.thread.join().expect("toucher")
+    }
+}
+
+/// Receives the next event and checks that it parks the fault on `page`.
+fn expect_parked(events: &std::sync::mpsc::Receiver<FaultEvent>, page: u64) {
+    let event = events
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a Parked event");
+    assert!(
+        matches!(event, FaultEvent::Parked { index, .. } if index == PageIndex(page)),
+        "{event:?}"
+    );
+}
+
 #[test]
 fn every_first_touch_goes_through_get_folio() {
     let pages = 1024;
@@ -213,35 +255,13 @@ fn shutdown_refuses_while_faults_are_parked() {
     let (service, events) = FaultService::start([file.clone()]).expect("start");
     let base = Base::of(&file);
     file.freeze(true);
-    let done = Arc::new(AtomicBool::new(false));
-    let toucher = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            base.touch(3, 0, 42);
-            done.store(true, Ordering::Release);
-        })
-    };
-    let event = events
-        .recv_timeout(Duration::from_secs(5))
-        .expect("a Parked event");
-    assert!(
-        matches!(
-            event,
-            FaultEvent::Parked {
-                index: PageIndex(3),
-                ..
-            }
-        ),
-        "{event:?}"
-    );
+    let toucher = Toucher::spawn(base, 3, 42);
+    expect_parked(&events, 3);
     let (service, error) = service.shutdown().expect_err("faults are parked");
     assert_eq!(error.errno(), libc::EBUSY);
-    assert!(
-        !done.load(Ordering::Acquire),
-        "the toucher must still be blocked"
-    );
+    assert!(!toucher.is_done(), "the toucher must still be blocked");
     file.freeze(false);
-    toucher.join().expect("toucher");
+    assert_eq!(toucher.join(), 42);
     let counters = service.shutdown().expect("nothing parked now");
     assert_eq!((counters.parked, counters.served_after_unfreeze), (1, 1));
 }
@@ -305,14 +325,7 @@ fn a_fault_that_cannot_be_served_is_reported_and_retried() {
     }
     let (service, events) = FaultService::start([file.clone()]).expect("start");
     let base = Base::of(&file);
-    let done = Arc::new(AtomicBool::new(false));
-    let toucher = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            base.touch(512 + 1, 0, 7);
-            done.store(true, Ordering::Release);
-        })
-    };
+    let toucher = Toucher::spawn(base, 512 + 1, 7);
     let event = events
         .recv_timeout(Duration::from_secs(5))
         .expect("a Failed event");
@@ -329,7 +342,7 @@ fn a_fault_that_cannot_be_served_is_reported_and_retried() {
     }
     std::thread::sleep(Duration::from_millis(20));
     assert!(
-        !done.load(Ordering::Acquire),
+        !toucher.is_done(),
         "the toucher must stay blocked, not be dropped"
     );
     assert_eq!(service.parked_now(), 1);
@@ -338,8 +351,7 @@ fn a_fault_that_cannot_be_served_is_reported_and_retried() {
     hog.fallocate(gmem::FallocMode::PUNCH, 0, huge as i64)
         .expect("free one huge page");
     file.freeze(false);
-    toucher.join().expect("toucher");
-    assert!(done.load(Ordering::Acquire));
+    assert_eq!(toucher.join(), 7);
     let counters = service.counters();
     assert!(
         counters.failed >= 1 && counters.served_after_unfreeze == 1,
@@ -358,28 +370,8 @@ fn dropping_the_service_with_parked_faults_detaches_its_handler() {
     let (service, events) = FaultService::start([file.clone()]).expect("start");
     let base = Base::of(&file);
     file.freeze(true);
-    let done = Arc::new(AtomicBool::new(false));
-    let toucher = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let value = base.touch(5, 0, 9);
-            done.store(true, Ordering::Release);
-            value
-        })
-    };
-    let parked = events
-        .recv_timeout(Duration::from_secs(5))
-        .expect("a Parked event");
-    assert!(
-        matches!(
-            parked,
-            FaultEvent::Parked {
-                index: PageIndex(5),
-                ..
-            }
-        ),
-        "{parked:?}"
-    );
+    let toucher = Toucher::spawn(base, 5, 9);
+    expect_parked(&events, 5);
     drop(service);
     let detached = events
         .recv_timeout(Duration::from_secs(5))
@@ -388,13 +380,13 @@ fn dropping_the_service_with_parked_faults_detaches_its_handler() {
     // Nothing was woken behind the freeze: the toucher still waits...
     std::thread::sleep(Duration::from_millis(20));
     assert!(
-        !done.load(Ordering::Acquire),
+        !toucher.is_done(),
         "the parked toucher was woken by the drop"
     );
     assert!(!file.is_present(PageIndex(5)));
     // ...and the detached handler serves it through get_folio at unfreeze.
     file.freeze(false);
-    assert_eq!(toucher.join().expect("toucher"), 9);
+    assert_eq!(toucher.join(), 9);
     assert!(
         file.is_present(PageIndex(5)),
         "served through get_folio, so recorded"
