@@ -5,21 +5,10 @@
 //! the criterion benchmark and `gmemctl bench`.
 
 use fault_service::bench::{self as measure, FirstTouch};
+use gmem::bench::spread;
 
 const ROUNDS: usize = 11;
 const TOUCHES: u64 = 16_384;
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
-/// "median (min–max)" of per-round values: the spread shows the noise.
-fn spread(samples: Vec<f64>, unit: &str) -> String {
-    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
-    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{:.2}{unit} ({low:.2}–{high:.2})", median(samples))
-}
 
 fn main() {
     let mut rounds = Vec::new();

@@ -8,21 +8,9 @@
 use std::time::Duration;
 
 use gmem::bench as measure;
-use measure::Allocation;
+use measure::{Allocation, spread};
 
 const ROUNDS: usize = 11;
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
-/// "median (min–max)" of per-round values: the spread shows the noise.
-fn spread(samples: Vec<f64>, unit: &str) -> String {
-    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
-    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{:.2}{unit} ({low:.2}–{high:.2})", median(samples))
-}
 
 fn nanoseconds(duration: Duration, iterations: u64) -> f64 {
     duration.as_nanos() as f64 / iterations as f64

@@ -399,9 +399,33 @@ pub fn memory_per_file(
     })
 }
 
+/// The median of `samples` (the upper middle for an even count); NaN for
+/// none. Shared by the table examples and `gmemctl bench`.
+pub fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// "median (min–max)" of per-round values, `unit` after the median: how
+/// the table examples print a cell, the spread showing the noise.
+pub fn spread(samples: Vec<f64>, unit: &str) -> String {
+    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.2}{unit} ({low:.2}–{high:.2})", median(&samples))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_is_the_upper_middle_and_spread_shows_min_and_max() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert!(median(&[]).is_nan());
+        assert_eq!(spread(vec![2.5, 1.0, 9.0], " ns"), "2.50 ns (1.00–9.00)");
+    }
 
     #[test]
     fn every_allocation_kind_allocates_and_takes_time() {

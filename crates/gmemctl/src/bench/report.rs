@@ -202,12 +202,8 @@ pub struct Measured {
 }
 
 /// The median of `samples` (the upper middle for an even count); NaN for
-/// none.
-pub fn median(samples: &[f64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
-}
+/// none: the one the table examples use too.
+pub use gmem::bench::median;
 
 /// The 99th percentile by nearest rank: the smallest sample with at least
 /// 99% of the samples at or below it; NaN for none.
