@@ -3,10 +3,12 @@
 //! side-by-side table with `cargo run --release -p gmem --example
 //! bench_table`, and in `gmemctl bench`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
+use gmem::GuestMemFile;
 use gmem::bench as measure;
 use measure::Allocation;
 
@@ -15,38 +17,39 @@ fn many_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |count| count.get().max(2))
 }
 
-fn get_folio_present(criterion: &mut Criterion) {
+/// A group timing `timed(file, threads, iterations)` on one populated
+/// file, at 1 and N threads.
+fn on_populated_file(
+    criterion: &mut Criterion,
+    name: &str,
+    timed: impl Fn(&Arc<GuestMemFile>, usize, u64) -> Duration,
+) {
     let file = measure::populated_file().expect("populated file");
-    let mut group = criterion.benchmark_group("get_folio_present");
+    let mut group = criterion.benchmark_group(name);
     for threads in [1, many_threads()] {
         group.bench_with_input(
             BenchmarkId::from_parameter(threads),
             &threads,
             |bencher, &threads| {
-                bencher.iter_custom(|iterations| {
-                    measure::get_folio_present(&file, threads, iterations).expect("present")
-                });
+                bencher.iter_custom(|iterations| timed(&file, threads, iterations));
             },
         );
     }
     group.finish();
 }
 
+fn get_folio_present(criterion: &mut Criterion) {
+    on_populated_file(
+        criterion,
+        "get_folio_present",
+        |file, threads, iterations| {
+            measure::get_folio_present(file, threads, iterations).expect("present")
+        },
+    );
+}
+
 fn freeze_check(criterion: &mut Criterion) {
-    let file = measure::populated_file().expect("populated file");
-    let mut group = criterion.benchmark_group("freeze_check_only");
-    for threads in [1, many_threads()] {
-        group.bench_with_input(
-            BenchmarkId::from_parameter(threads),
-            &threads,
-            |bencher, &threads| {
-                bencher.iter_custom(|iterations| {
-                    measure::freeze_check_only(&file, threads, iterations)
-                });
-            },
-        );
-    }
-    group.finish();
+    on_populated_file(criterion, "freeze_check_only", measure::freeze_check_only);
 }
 
 fn allocate_missing(criterion: &mut Criterion) {
