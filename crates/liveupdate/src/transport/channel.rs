@@ -75,6 +75,20 @@ fn peer_gone_or(operation: &'static str, during: &'static str, errno: Errno) -> 
     }
 }
 
+/// A new close-on-exec seqpacket socket and the address of `path`, for
+/// `connect` or `bind`.
+fn seqpacket_socket(path: &Path) -> Result<(OwnedFd, SocketAddrUnix), LuError> {
+    let socket = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|errno| LuError::io("socket", errno))?;
+    let address = SocketAddrUnix::new(path).map_err(|errno| LuError::io("socket path", errno))?;
+    Ok((socket, address))
+}
+
 impl Channel {
     /// Wraps a connected socket.
     pub fn from_socket(socket: OwnedFd, magic: u32) -> Channel {
@@ -87,15 +101,7 @@ impl Channel {
     /// `Io` with the errno of `socket` or `connect` (`ENOENT`: no such
     /// socket; `ECONNREFUSED`: nobody listens).
     pub fn connect(path: &Path, magic: u32) -> Result<Channel, LuError> {
-        let socket = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(|errno| LuError::io("socket", errno))?;
-        let address =
-            SocketAddrUnix::new(path).map_err(|errno| LuError::io("socket path", errno))?;
+        let (socket, address) = seqpacket_socket(path)?;
         rustix::net::connect(&socket, &address).map_err(|errno| LuError::io("connect", errno))?;
         Ok(Channel { socket, magic })
     }
@@ -324,15 +330,7 @@ impl Listener {
     /// - `Io` with the errno of `socket`, `bind`, `chmod` or `listen`.
     pub fn bind(path: &Path, magic: u32, mode: u32) -> Result<Listener, LuError> {
         remove_stale_socket(path, magic)?;
-        let socket = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(|errno| LuError::io("socket", errno))?;
-        let address =
-            SocketAddrUnix::new(path).map_err(|errno| LuError::io("socket path", errno))?;
+        let (socket, address) = seqpacket_socket(path)?;
         rustix::net::bind(&socket, &address).map_err(|errno| LuError::io("bind", errno))?;
         let listener = Listener {
             socket,
