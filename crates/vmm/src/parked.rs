@@ -90,16 +90,33 @@ fn serve_for_stuck(
     served_wait: Duration,
     step: &mut ParkedStep,
 ) -> Result<(Machine, StopReport, MachineState), StopError> {
-    let started = Instant::now();
-    let file = backing.file();
-    let before = backing.fault_counters().served_after_unfreeze;
     tracing::warn!(
         vcpus = ?step.stuck_vcpus,
         parked = backing.fault_counters().parked_now,
         "vCPUs stayed blocked in parked faults after the kick: unfreezing the guest memory to serve them, then freezing it again"
     );
+    let result = served_while_unfrozen(backing, step, || running.stop_capturing(served_wait));
+    tracing::warn!(
+        served = step.served_for_stuck,
+        took_us = step.step.as_micros() as u64,
+        "served the parked faults of stuck vCPUs; guest memory frozen again"
+    );
+    result
+}
+
+/// The heart of step 2: runs `stop` with the guest memory unfrozen, so the
+/// parked faults are served, freezes it again if it was frozen, and records
+/// in `step` how many were served and how long it took.
+fn served_while_unfrozen<T>(
+    backing: &Backing,
+    step: &mut ParkedStep,
+    stop: impl FnOnce() -> T,
+) -> T {
+    let started = Instant::now();
+    let file = backing.file();
+    let before = backing.fault_counters().served_after_unfreeze;
     let was_frozen = file.freeze(false);
-    let result = running.stop_capturing(served_wait);
+    let result = stop();
     if was_frozen {
         file.freeze(true);
     }
@@ -108,11 +125,6 @@ fn serve_for_stuck(
         .served_after_unfreeze
         .saturating_sub(before);
     step.step = started.elapsed();
-    tracing::warn!(
-        served = step.served_for_stuck,
-        took_us = step.step.as_micros() as u64,
-        "served the parked faults of stuck vCPUs; guest memory frozen again"
-    );
     result
 }
 
@@ -140,25 +152,12 @@ pub fn stop_threads_frozen(
     match cpus.stop_unless(kick_wait, |running| running <= parked_now()) {
         Ok(()) => {}
         Err((cpus, stuck)) => {
-            let started = Instant::now();
             step.stuck_vcpus = stuck;
-            let file = backing.file();
-            let before = backing.fault_counters().served_after_unfreeze;
             tracing::warn!(
                 threads = ?step.stuck_vcpus,
                 "host threads blocked in parked faults: unfreezing the guest memory to serve them, then freezing it again"
             );
-            let was_frozen = file.freeze(false);
-            let result = cpus.stop(served_wait);
-            if was_frozen {
-                file.freeze(true);
-            }
-            step.served_for_stuck = backing
-                .fault_counters()
-                .served_after_unfreeze
-                .saturating_sub(before);
-            step.step = started.elapsed();
-            result?;
+            served_while_unfrozen(backing, &mut step, || cpus.stop(served_wait))?;
         }
     }
     step.interrupted = backing.fault_counters().parked_now;
