@@ -97,17 +97,7 @@ fn a_vcpu_parked_on_a_fault_stops_and_resumes_intact() {
     let monitor = Arc::new(GuestMonitor::new(layout, Arc::clone(&memory)));
     let running = new.start(monitor).unwrap();
     common::wait_for_gaps(&memory, &layout, Duration::from_secs(20));
-    let before = common::reports(&memory, &layout);
-    common::wait_for_iterations(
-        &memory,
-        &layout,
-        before.iter().map(|report| report.iterations).max().unwrap() + 2_000,
-        Duration::from_secs(20),
-    );
+    common::wait_for_more_iterations(&memory, &layout, 2_000, Duration::from_secs(20));
     let _ = running.stop(Duration::from_secs(5));
-    for report in common::reports(&memory, &layout) {
-        assert_eq!(report.mismatches, 0, "{report:?}");
-        assert_eq!(report.register_mismatches, 0, "{report:?}");
-    }
-    assert_eq!(check_pages(memory.view(), &layout).unwrap().mismatches, 0);
+    common::assert_verified(&memory, &layout);
 }

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmm::guest::{GuestMonitor, GuestOptions, check_pages, request_final_check};
+use vmm::guest::{GuestMonitor, GuestOptions, request_final_check};
 use vmm::machine::{Machine, MachineConfig};
 use vmm::memory::{GuestMemory, populated_ranges};
 use vmm::state::MachineState;
@@ -71,12 +71,9 @@ fn repeated_updates_in_every_variant_keep_the_guest_intact() {
             .iter()
             .all(|end| matches!(end, VcpuEnd::HandlerStopped))
     );
-    for report in common::reports(&memory, &layout) {
-        assert!(report.done);
-        assert_eq!(report.mismatches, 0, "{report:?}");
-        assert_eq!(report.register_mismatches, 0, "{report:?}");
+    for report in common::assert_verified(&memory, &layout) {
+        assert!(report.done, "{report:?}");
     }
-    assert_eq!(check_pages(memory.view(), &layout).unwrap().mismatches, 0);
 }
 
 #[test]
@@ -135,11 +132,7 @@ fn prefault_reads_guest_memory_without_changing_it() {
         .stop(Duration::from_secs(5))
         .map_err(|error| error.error().to_string())
         .unwrap();
-    for report in common::reports(&memory, &layout) {
-        assert_eq!(report.mismatches, 0, "{report:?}");
-        assert_eq!(report.register_mismatches, 0, "{report:?}");
-    }
-    assert_eq!(check_pages(memory.view(), &layout).unwrap().mismatches, 0);
+    common::assert_verified(&memory, &layout);
 }
 
 /// A switch whose restore fails in the new VM (here: an MSR KVM refuses)
@@ -169,16 +162,7 @@ fn a_failed_restore_leaves_the_old_machine_to_resume() {
     // Nothing ran in the new VM: the guest's counters did not move.
     assert_eq!(common::reports(&memory, &layout), before);
     let running = old.start(handler(Arc::clone(&memory), layout)).unwrap();
-    common::wait_for_iterations(
-        &memory,
-        &layout,
-        before.iter().map(|report| report.iterations).max().unwrap() + 10_000,
-        Duration::from_secs(20),
-    );
+    common::wait_for_more_iterations(&memory, &layout, 10_000, Duration::from_secs(20));
     let _ = running.stop(Duration::from_secs(5));
-    for report in common::reports(&memory, &layout) {
-        assert_eq!(report.mismatches, 0, "{report:?}");
-        assert_eq!(report.register_mismatches, 0, "{report:?}");
-    }
-    assert_eq!(check_pages(memory.view(), &layout).unwrap().mismatches, 0);
+    common::assert_verified(&memory, &layout);
 }

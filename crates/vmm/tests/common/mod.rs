@@ -67,6 +67,39 @@ pub fn wait_for_iterations(
     }
 }
 
+/// Waits until every vCPU has done `more` iterations beyond the furthest
+/// vCPU's count now.
+pub fn wait_for_more_iterations(
+    memory: &GuestMemory,
+    layout: &vmm::layout::GuestLayout,
+    more: u64,
+    timeout: Duration,
+) {
+    let furthest = reports(memory, layout)
+        .iter()
+        .map(|report| report.iterations)
+        .max()
+        .expect("at least one vCPU");
+    wait_for_iterations(memory, layout, furthest + more, timeout);
+}
+
+/// Checks what the guest and the host verified: no vCPU saw a wrong page
+/// or register, and the host finds every page as the guest wrote it.
+/// Returns the vCPUs' reports for further checks.
+pub fn assert_verified(
+    memory: &GuestMemory,
+    layout: &vmm::layout::GuestLayout,
+) -> Vec<GuestReport> {
+    let all = reports(memory, layout);
+    for report in &all {
+        assert_eq!(report.mismatches, 0, "{report:?}");
+        assert_eq!(report.register_mismatches, 0, "{report:?}");
+    }
+    let host = vmm::guest::check_pages(memory.view(), layout).expect("host page check");
+    assert_eq!(host.mismatches, 0, "{host:?}");
+    all
+}
+
 /// Waits until every vCPU's gap probe has caught its gap; returns the gaps.
 pub fn wait_for_gaps(
     memory: &GuestMemory,
