@@ -29,12 +29,8 @@ fn run_on(backend: Backend) {
         .unwrap();
     let memory =
         Arc::new(GuestMemory::new(Arc::new(GmemRam::new(Arc::clone(&file)).unwrap())).unwrap());
-    let mut machine = Machine::create(Arc::clone(&memory), MachineConfig { vcpus: 2 }).unwrap();
-    machine.boot(GuestOptions::default()).unwrap();
-    let layout = *machine.layout();
-    let running = machine
-        .start(Arc::new(GuestMonitor::new(layout, Arc::clone(&memory))))
-        .unwrap();
+    let (running, _monitor) = common::boot_on(Arc::clone(&memory), 2, GuestOptions::default());
+    let layout = *running.layout();
     common::wait_for_iterations(&memory, &layout, 20_000, Duration::from_secs(20));
     let (old, _, state) = running
         .stop_capturing(Duration::from_secs(5))

@@ -28,12 +28,8 @@ fn vcpus_parked_on_a_frozen_file_stop_and_resume_with_their_faults_served() {
         }
     };
     let memory = Arc::clone(backing.memory());
-    let mut machine = Machine::create(Arc::clone(&memory), MachineConfig { vcpus: 2 }).unwrap();
-    machine.boot(GuestOptions::default()).unwrap();
-    let layout = *machine.layout();
-    let running = machine
-        .start(Arc::new(GuestMonitor::new(layout, Arc::clone(&memory))))
-        .unwrap();
+    let (running, _monitor) = common::boot_on(Arc::clone(&memory), 2, GuestOptions::default());
+    let layout = *running.layout();
     // Generation 0: every iteration touches a page never touched before.
     common::wait_for_iterations(&memory, &layout, 2_000, Duration::from_secs(20));
     let served_before = backing.fault_counters().served;

@@ -31,6 +31,15 @@ pub fn boot(
 ) -> (RunningMachine, Arc<GuestMonitor>) {
     let ram = MemfdRam::create(memory_size).expect("memfd");
     let memory = Arc::new(GuestMemory::new(Arc::new(ram)).expect("vm-memory view"));
+    boot_on(memory, vcpus, options)
+}
+
+/// A booted machine over `memory`, started with a [`GuestMonitor`].
+pub fn boot_on(
+    memory: Arc<GuestMemory>,
+    vcpus: u32,
+    options: GuestOptions,
+) -> (RunningMachine, Arc<GuestMonitor>) {
     let mut machine =
         Machine::create(Arc::clone(&memory), MachineConfig { vcpus }).expect("machine");
     machine.boot(options).expect("boot");
