@@ -1,24 +1,15 @@
 //! The core API on real kernel objects: create, fallocate, get_folio,
 //! freeze, populated, mapping, lookup, descriptor and restore.
 
+mod common;
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use common::backends;
 use gmem::{Backend, FallocMode, FolioOrder, GmemFlags, GuestMemFile, PageIndex};
 
 const MIB: u64 = 1 << 20;
-
-/// The backends to run on: memfd always, kvm where /dev/kvm offers
-/// guest_memfd with host mmap (printing a skip line otherwise).
-fn backends() -> Vec<Backend> {
-    let (auto, reason) = Backend::auto_with_reason();
-    if auto == Backend::Kvm {
-        vec![Backend::Memfd, Backend::Kvm]
-    } else {
-        test_support::skipped(format_args!("kvm backend not tested: {reason}"));
-        vec![Backend::Memfd]
-    }
-}
 
 fn create(backend: Backend) -> Arc<GuestMemFile> {
     GuestMemFile::create(MIB, GmemFlags::HOST_ACCESSIBLE, backend).expect("create")

@@ -3,17 +3,10 @@
 //! one node, so the plumbing is tested on node 0 and a missing node must be
 //! refused with EINVAL.
 
-use gmem::{Backend, GmemFlags, GuestMemFile, MemPolicy, NodeMask, PageIndex};
+mod common;
 
-fn backends() -> Vec<Backend> {
-    let (auto, reason) = Backend::auto_with_reason();
-    if auto == Backend::Kvm {
-        vec![Backend::Memfd, Backend::Kvm]
-    } else {
-        test_support::skipped(format_args!("kvm backend not tested: {reason}"));
-        vec![Backend::Memfd]
-    }
-}
+use common::backends;
+use gmem::{Backend, GmemFlags, GuestMemFile, MemPolicy, NodeMask, PageIndex};
 
 #[test]
 fn policies_round_trip_through_the_kernel() {
