@@ -147,18 +147,15 @@ impl FileState {
     ) -> Result<bool, Refused<E>> {
         let _section = domain.read_lock();
         self.check_frozen()?;
-        let _shared = sync::read(&self.invalidate);
-        if self.index.contains(folio) {
-            return Ok(false);
-        }
-        allocate(folio).map_err(Refused::Kernel)?;
-        self.index.insert(folio);
-        Ok(true)
+        self.fault_without_freeze_check(folio, allocate)
     }
 
     /// [`FileState::fault`] without the read section and the FROZEN check:
-    /// the baseline against which the benchmark prices the freeze check. It
-    /// breaks the freeze, so only the `bench` feature reaches it.
+    /// the baseline against which the benchmark prices the freeze check, and
+    /// the rest of `fault` itself, so the two differ by exactly the check.
+    /// On its own it breaks the freeze, so only `fault` and the `bench`
+    /// feature reach it.
+    #[inline(always)]
     pub(crate) fn fault_without_freeze_check<E>(
         &self,
         folio: u64,
