@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use gmem::hugetlb::{HugePageReservation, pages_for};
 use gmem::{Backend, FallocMode, GmemFlags, GuestMemFile};
-use vmm::guest::{GuestMonitor, GuestOptions};
-use vmm::machine::{Machine, MachineConfig};
+use vmm::guest::GuestOptions;
 use vmm::memory::{GmemRam, GuestMemory};
 use vmm::state::MachineState;
 
@@ -37,13 +36,7 @@ fn run_on(backend: Backend) {
         .map_err(|error| error.error().to_string())
         .unwrap();
     let state = MachineState::from_fd(state.to_memfd().unwrap()).unwrap();
-    vmm::guest::arm_gap_probe(memory.view(), &layout).unwrap();
-    let new = Machine::create(Arc::clone(&memory), MachineConfig { vcpus: 2 }).unwrap();
-    let running = new
-        .arm(Arc::new(GuestMonitor::new(layout, Arc::clone(&memory))))
-        .unwrap()
-        .go(Some(&state))
-        .unwrap();
+    let running = common::resume_in_new_vm(&memory, &layout, &state);
     drop(old);
     common::wait_for_gaps(&memory, &layout, Duration::from_secs(20));
     let _ = running.stop(Duration::from_secs(5));

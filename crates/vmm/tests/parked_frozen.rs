@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use gmem::Backend;
 use vmm::backing::Backing;
-use vmm::guest::{GuestMonitor, GuestOptions, arm_gap_probe, check_pages};
-use vmm::machine::{Machine, MachineConfig};
+use vmm::guest::{GuestOptions, check_pages};
 use vmm::parked::stop_frozen;
 
 #[test]
@@ -71,13 +70,7 @@ fn vcpus_parked_on_a_frozen_file_stop_and_resume_with_their_faults_served() {
 
     // Resume in a new VM while still frozen: the repeated accesses park
     // again; the unfreeze (a successor's finish) serves them all.
-    arm_gap_probe(memory.view(), &layout).unwrap();
-    let new = Machine::create(Arc::clone(&memory), MachineConfig { vcpus: 2 }).unwrap();
-    let running = new
-        .arm(Arc::new(GuestMonitor::new(layout, Arc::clone(&memory))))
-        .unwrap()
-        .go(Some(&state))
-        .unwrap();
+    let running = common::resume_in_new_vm(&memory, &layout, &state);
     drop(old);
     std::thread::sleep(Duration::from_millis(20));
     backing.file().freeze(false);

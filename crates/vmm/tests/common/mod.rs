@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use vmm::guest::{GuestMonitor, GuestOptions, GuestReport};
 use vmm::machine::{Machine, MachineConfig, RunningMachine};
 use vmm::memory::{GuestMemory, MemfdRam};
+use vmm::state::MachineState;
 
 /// Whether /dev/kvm can be used; prints why not.
 pub fn kvm_available(test: &str) -> bool {
@@ -46,6 +47,22 @@ pub fn boot_on(
     let monitor = Arc::new(GuestMonitor::new(*machine.layout(), memory));
     let running = machine.start(monitor.clone()).expect("start");
     (running, monitor)
+}
+
+/// Resumes `state` in a new VM over `memory` with the gap probe armed, as a
+/// successor does.
+pub fn resume_in_new_vm(
+    memory: &Arc<GuestMemory>,
+    layout: &vmm::layout::GuestLayout,
+    state: &MachineState,
+) -> RunningMachine {
+    vmm::guest::arm_gap_probe(memory.view(), layout).expect("arm the gap probe");
+    let vcpus = layout.vcpus();
+    let new = Machine::create(Arc::clone(memory), MachineConfig { vcpus }).expect("machine");
+    new.arm(Arc::new(GuestMonitor::new(*layout, Arc::clone(memory))))
+        .expect("arm")
+        .go(Some(state))
+        .expect("go")
 }
 
 /// Sum of every vCPU's report.
