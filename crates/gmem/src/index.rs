@@ -22,6 +22,22 @@
 //! the bit. Child pointers are published with a Release compare-exchange and
 //! read with Acquire (pairs with that exchange), so a reader that finds a node
 //! finds it initialised.
+//!
+//! Runs: the preservation layer describes a file by its runs of present
+//! folios and a successor rebuilds the index from them, both inside a live
+//! update's blackout, so both work a word (64 folios) at a time: a run walk
+//! ([`PageStateIndex::runs`]) skips empty words and never-used subtrees and
+//! takes full words whole; a run insert sets whole words. A fully populated
+//! 8 GiB file of 4 KiB folios is 32,768 words, not 2 million folios.
+//!
+//! Generation: a counter bumped by every insert or remove that changes the
+//! set (once per call for a run), so a caller that described the index can
+//! later ask whether it changed since, without walking it again. It is read
+//! with Acquire and bumped with Release after the bits changed: a reader
+//! that sees the new generation sees the change. It answers exactly while
+//! no change can be in flight (the file is frozen: `freeze` waits for every
+//! allocation and punch to end); a change racing the read shows in a later
+//! read.
 
 use crate::sync::{AtomicPtr, AtomicU64, Ordering};
 
@@ -54,6 +70,8 @@ enum Root {
 pub(crate) struct PageStateIndex {
     folios: u64,
     root: Root,
+    /// Bumped by every change of the set; see the module documentation.
+    generation: AtomicU64,
 }
 
 fn new_leaf() -> Box<Leaf> {
@@ -71,6 +89,17 @@ fn new_interior() -> Box<Interior> {
 /// The bit of `folio` within a bitmap of words.
 fn word_and_mask(folio: u64) -> (usize, u64) {
     ((folio / 64) as usize, 1u64 << (folio % 64))
+}
+
+/// The bits of folios `first..end` (relative to one word's first folio,
+/// `first < end <= 64`) within that word.
+fn bits_between(first: u64, end: u64) -> u64 {
+    let below_end = if end >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << end) - 1
+    };
+    below_end & (u64::MAX << first)
 }
 
 impl PageStateIndex {
@@ -91,7 +120,25 @@ impl PageStateIndex {
                 node: new_interior(),
             }
         };
-        PageStateIndex { folios, root }
+        PageStateIndex {
+            folios,
+            root,
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// How many times the set of present folios changed (see the module
+    /// documentation).
+    pub(crate) fn generation(&self) -> u64 {
+        // Acquire pairs with the Release bump in `changed`: a caller that
+        // sees a generation sees the bits of every change it counts.
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Counts one change of the set, after its bits changed.
+    fn changed(&self) {
+        // Release pairs with the Acquire in `generation`.
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The leaf words holding `folio`, or `None` where no bit below was ever
@@ -198,7 +245,81 @@ impl PageStateIndex {
         };
         let (word, mask) = word_and_mask(folio % LEAF_BITS);
         // Release pairs with the Acquire load in `contains`.
-        words[word].fetch_or(mask, Ordering::Release) & mask == 0
+        let inserted = words[word].fetch_or(mask, Ordering::Release) & mask == 0;
+        if inserted {
+            self.changed();
+        }
+        inserted
+    }
+
+    /// Marks folios `start..start + count` present (clipped to the file), a
+    /// word at a time: one read-modify-write per word that lacks a bit.
+    /// Returns how many were absent before.
+    pub(crate) fn insert_run(&self, start: u64, count: u64) -> u64 {
+        let inserted = self.for_each_word_of_run(start, count, |word, mask| {
+            // Relaxed pre-check: words already full (the common case when a
+            // run is recorded again) are not written at all.
+            if word.load(Ordering::Relaxed) & mask == mask {
+                return 0;
+            }
+            // Release pairs with the Acquire load in `contains`.
+            let before = word.fetch_or(mask, Ordering::Release);
+            u64::from((mask & !before).count_ones())
+        });
+        if inserted > 0 {
+            self.changed();
+        }
+        inserted
+    }
+
+    /// [`PageStateIndex::insert_run`] for an index no other thread can see
+    /// yet (a file being restored): `&mut self` proves it, so each word is
+    /// a plain load and store instead of a locked read-modify-write. The
+    /// index reaches other threads later through a synchronizing
+    /// publication (an `Arc` behind a lock), which orders these stores.
+    pub(crate) fn insert_run_unpublished(&mut self, start: u64, count: u64) -> u64 {
+        let inserted = self.for_each_word_of_run(start, count, |word, mask| {
+            // Relaxed: no other thread can access the index (see above).
+            let before = word.load(Ordering::Relaxed);
+            word.store(before | mask, Ordering::Relaxed);
+            u64::from((mask & !before).count_ones())
+        });
+        if inserted > 0 {
+            self.changed();
+        }
+        inserted
+    }
+
+    /// Calls `apply(word, mask)` for every word holding a folio of
+    /// `start..start + count` (clipped to the file), with the mask of the
+    /// run's bits in it, creating leaves on the way; sums what it returns.
+    fn for_each_word_of_run(
+        &self,
+        start: u64,
+        count: u64,
+        mut apply: impl FnMut(&AtomicU64, u64) -> u64,
+    ) -> u64 {
+        let end = start.saturating_add(count).min(self.folios);
+        let mut position = start;
+        let mut total = 0;
+        while position < end {
+            let leaf_base = position - position % LEAF_BITS;
+            let leaf_end = end.min(leaf_base + LEAF_BITS);
+            let Some(words) = self.words(position, true) else {
+                return total;
+            };
+            while position < leaf_end {
+                let word_base = position - position % 64;
+                let word_end = leaf_end.min(word_base + 64);
+                let mask = bits_between(position - word_base, word_end - word_base);
+                let Some(word) = words.get(((word_base - leaf_base) / 64) as usize) else {
+                    return total;
+                };
+                total += apply(word, mask);
+                position = word_end;
+            }
+        }
+        total
     }
 
     /// Marks `folio` absent. Returns whether it was present before.
@@ -212,7 +333,11 @@ impl PageStateIndex {
         let (word, mask) = word_and_mask(folio % LEAF_BITS);
         // Release: a reader that sees the bit clear sees what preceded the
         // clearing (pairs with the Acquire in `contains`).
-        words[word].fetch_and(!mask, Ordering::Release) & mask != 0
+        let removed = words[word].fetch_and(!mask, Ordering::Release) & mask != 0;
+        if removed {
+            self.changed();
+        }
+        removed
     }
 
     /// The first present folio at or after `from`, if any. Skips whole
@@ -276,15 +401,89 @@ impl PageStateIndex {
         None
     }
 
-    /// How many folios are present (a walk; for tests and reports).
-    pub(crate) fn count(&self) -> u64 {
-        let mut count = 0;
-        let mut from = 0;
-        while let Some(folio) = self.next_present(from) {
-            count += 1;
-            from = folio + 1;
+    /// The first absent folio at or after `from`, or the folio count when
+    /// every folio from `from` on is present. A never-used subtree is absent
+    /// as a whole; a full word is passed in one comparison.
+    pub(crate) fn next_absent(&self, from: u64) -> u64 {
+        if from >= self.folios {
+            return self.folios;
         }
-        count
+        let found = match &self.root {
+            Root::Flat(words) => Self::scan_words_for_absent(words, from),
+            Root::Tree { height, node } => Self::search_absent(node, *height, 0, from),
+        };
+        // Bits past the end of the file are never set, so a flat root finds
+        // its end; a tree wider than the file may find nothing.
+        found.map_or(self.folios, |folio| folio.min(self.folios))
+    }
+
+    /// The first clear bit at or after `from` in one bitmap, if any.
+    fn scan_words_for_absent(words: &[AtomicU64], from: u64) -> Option<u64> {
+        let mut position = from;
+        while let Some(word) = words.get((position / 64) as usize) {
+            // Acquire pairs with the Release in `insert`. Inverted before
+            // the shift, so the bits shifted in count as present.
+            let clear = !word.load(Ordering::Acquire) >> (position % 64);
+            if clear != 0 {
+                return Some(position + u64::from(clear.trailing_zeros()));
+            }
+            position = (position / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Depth-first search below `node` (at `level`, covering folios from
+    /// `base`) for the first absent folio at or after `from`.
+    fn search_absent(node: &Interior, level: u32, base: u64, from: u64) -> Option<u64> {
+        let shift = LEAF_BITS_SHIFT + FANOUT_SHIFT * (level - 1);
+        let first = if from > base {
+            ((from - base) >> shift) as usize
+        } else {
+            0
+        };
+        for slot in first..FANOUT {
+            let child_base = base + ((slot as u64) << shift);
+            // Acquire pairs with the Release exchange in `child`.
+            let child = node.children[slot].load(Ordering::Acquire);
+            if child.is_null() {
+                return Some(child_base.max(from));
+            }
+            let found = if level == 1 {
+                // SAFETY: height-1 children are live boxed Leaves (module
+                // invariant; `&self` keeps them alive).
+                let leaf = unsafe { &*child.cast::<Leaf>() };
+                Self::scan_words_for_absent(&leaf.words, from.saturating_sub(child_base))
+                    .map(|offset| child_base + offset)
+            } else {
+                // SAFETY: higher children are live boxed Interiors.
+                let interior = unsafe { &*child.cast::<Interior>() };
+                Self::search_absent(interior, level - 1, child_base, from)
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+
+    /// The runs of present folios, ascending, as `(first folio, count)`:
+    /// each run is maximal (an absent folio or the end of the file follows
+    /// it). Costs a word per 64 folios of each run and of each gap inside a
+    /// used leaf, nothing for never-used subtrees.
+    pub(crate) fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut from = 0;
+        std::iter::from_fn(move || {
+            let start = self.next_present(from)?;
+            let end = self.next_absent(start);
+            from = end;
+            Some((start, end - start))
+        })
+    }
+
+    /// How many folios are present (a walk of the runs; for tests and
+    /// reports).
+    pub(crate) fn count(&self) -> u64 {
+        self.runs().map(|(_, count)| count).sum()
     }
 
     /// Heap bytes this index holds now (for the memory-per-file report).
@@ -341,6 +540,7 @@ impl Drop for PageStateIndex {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     #[test]
     fn small_file_is_flat_and_sized_to_the_file() {
@@ -400,5 +600,166 @@ mod tests {
             from = folio + 1;
         }
         assert_eq!(walked, reference.into_iter().collect::<Vec<_>>());
+    }
+
+    /// The maximal runs of a set of folios, as `(first, count)`.
+    fn model_runs(set: &std::collections::BTreeSet<u64>) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &folio in set {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == folio => *count += 1,
+                _ => runs.push((folio, 1)),
+            }
+        }
+        runs
+    }
+
+    #[test]
+    fn runs_take_full_words_and_cross_word_and_leaf_boundaries() {
+        // Three leaves of a height-1 tree: a run over the first leaf's end
+        // into the second, a lone folio, and a run to the file's end.
+        let folios = 3 * 512;
+        let index = PageStateIndex::new(folios);
+        assert_eq!(index.insert_run(500, 100), 100);
+        assert_eq!(index.insert_run(510, 20), 0, "already present");
+        assert!(index.insert(700));
+        assert_eq!(index.insert_run(1400, 1000), folios - 1400, "clipped");
+        assert_eq!(
+            index.runs().collect::<Vec<_>>(),
+            vec![(500, 100), (700, 1), (1400, folios - 1400)]
+        );
+        assert_eq!(index.count(), 100 + 1 + folios - 1400);
+        assert_eq!(index.next_absent(500), 600);
+        assert_eq!(index.next_absent(1400), folios, "present to the end");
+        assert_eq!(index.next_absent(0), 0);
+        assert_eq!(index.next_absent(folios), folios);
+    }
+
+    #[test]
+    fn a_full_file_is_one_run_and_never_used_subtrees_are_gaps() {
+        for folios in [1, 63, 64, 65, 512, 513, 40_000, 2 << 20] {
+            let mut index = PageStateIndex::new(folios);
+            assert_eq!(index.runs().count(), 0);
+            assert_eq!(index.insert_run_unpublished(0, folios), folios);
+            assert_eq!(index.runs().collect::<Vec<_>>(), vec![(0, folios)]);
+        }
+        // A huge sparse file: runs far apart, the subtrees between never
+        // allocated.
+        let folios = 1u64 << 40;
+        let index = PageStateIndex::new(folios);
+        index.insert_run(5, 3);
+        index.insert_run(folios - 70, 70);
+        assert_eq!(
+            index.runs().collect::<Vec<_>>(),
+            vec![(5, 3), (folios - 70, 70)]
+        );
+        assert_eq!(index.next_absent(5), 8);
+        assert!(index.heap_bytes() < 16 * 1024);
+    }
+
+    #[test]
+    fn generation_counts_changes_of_the_set_only() {
+        let mut index = PageStateIndex::new(4096);
+        let start = index.generation();
+        assert!(index.insert(3));
+        assert!(!index.insert(3));
+        assert_eq!(index.generation(), start + 1, "a no-op insert is no change");
+        assert_eq!(index.insert_run(0, 10), 9);
+        assert_eq!(index.insert_run(0, 10), 0);
+        assert_eq!(index.generation(), start + 2, "one change per run");
+        assert!(!index.remove(100));
+        assert_eq!(index.generation(), start + 2);
+        assert!(index.remove(3));
+        assert_eq!(index.generation(), start + 3);
+        assert_eq!(index.insert_run_unpublished(2000, 100), 100);
+        assert_eq!(index.insert_run_unpublished(2000, 100), 0);
+        assert_eq!(index.generation(), start + 4);
+    }
+
+    /// One operation of the property test.
+    #[derive(Clone, Debug)]
+    enum Operation {
+        Insert(u64),
+        Remove(u64),
+        InsertRun(u64, u64),
+        InsertRunUnpublished(u64, u64),
+    }
+
+    fn operation(folios: u64) -> impl Strategy<Value = Operation> {
+        use proptest::prelude::*;
+        // Runs up to three leaves long, anywhere (also past the end).
+        let position = 0..folios + 64;
+        prop_oneof![
+            position.clone().prop_map(Operation::Insert),
+            position.clone().prop_map(Operation::Remove),
+            (position.clone(), 0..1600u64)
+                .prop_map(|(start, count)| Operation::InsertRun(start, count)),
+            (position, 0..1600u64)
+                .prop_map(|(start, count)| Operation::InsertRunUnpublished(start, count)),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn runs_and_folios_agree_with_a_model(
+            (folios, operations) in proptest::prop_oneof![
+                // Flat roots, one-level trees, two-level trees.
+                1u64..=512, 513u64..=32_768, 32_769u64..=70_000
+            ]
+            .prop_flat_map(|folios| (
+                proptest::strategy::Just(folios),
+                proptest::collection::vec(operation(folios), 1..60),
+            ))
+        ) {
+            use proptest::prelude::*;
+            let mut index = PageStateIndex::new(folios);
+            let mut model = std::collections::BTreeSet::new();
+            for operation in operations {
+                let generation = index.generation();
+                let before = model.len();
+                match operation {
+                    Operation::Insert(folio) => {
+                        let expected = folio < folios && model.insert(folio);
+                        prop_assert_eq!(index.insert(folio), expected);
+                    }
+                    Operation::Remove(folio) => {
+                        prop_assert_eq!(index.remove(folio), model.remove(&folio));
+                    }
+                    Operation::InsertRun(start, count) | Operation::InsertRunUnpublished(start, count) => {
+                        let end = start.saturating_add(count).min(folios);
+                        let added = (start..end).filter(|folio| model.insert(*folio)).count() as u64;
+                        let inserted = match operation {
+                            Operation::InsertRun(..) => index.insert_run(start, count),
+                            _ => index.insert_run_unpublished(start, count),
+                        };
+                        prop_assert_eq!(inserted, added);
+                    }
+                }
+                let changed = u64::from(model.len() != before);
+                prop_assert_eq!(index.generation(), generation + changed);
+            }
+            let runs = model_runs(&model);
+            prop_assert_eq!(index.runs().collect::<Vec<_>>(), runs.clone());
+            let mut folio_walk = Vec::new();
+            let mut from = 0;
+            while let Some(folio) = index.next_present(from) {
+                folio_walk.push(folio);
+                from = folio + 1;
+            }
+            prop_assert_eq!(folio_walk, model.iter().copied().collect::<Vec<_>>());
+            prop_assert_eq!(index.count(), model.len() as u64);
+            // Every run's first folio, its end, and folios in between.
+            let probes = runs
+                .iter()
+                .flat_map(|&(first, count)| [first, first + count / 2, first + count])
+                .chain((0..folios).step_by(((folios / 31) as usize).max(1)));
+            for folio in probes {
+                let expected = runs
+                    .iter()
+                    .find(|&&(first, count)| first <= folio && folio < first + count)
+                    .map_or(folio.min(folios), |&(first, count)| first + count);
+                prop_assert_eq!(index.next_absent(folio), expected);
+            }
+        }
     }
 }

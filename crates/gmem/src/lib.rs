@@ -60,7 +60,7 @@ pub use error::GmemError;
 pub use file::{Folio, GuestMemFile, Mapping};
 pub use policy::{MemPolicy, NodeMask};
 pub use registry::{lookup, registered_files};
-pub use types::{FallocMode, FolioOrder, GmemFlags, PAGE_SHIFT, PAGE_SIZE, PageIndex};
+pub use types::{FallocMode, FolioOrder, FolioRun, GmemFlags, PAGE_SHIFT, PAGE_SIZE, PageIndex};
 
 /// The single process-wide freeze domain. Every allocation and punch of
 /// every file runs in a read section of it; `freeze(true)` waits for it.

@@ -209,9 +209,9 @@ impl FileState {
                 continue;
             }
             match allocate(start..end) {
-                Ok(()) => (start..end).for_each(|folio| {
-                    self.index.insert(folio);
-                }),
+                Ok(()) => {
+                    self.index.insert_run(start, end - start);
+                }
                 // A failed chunk: pin down exactly which folios exist. If
                 // every folio then succeeds alone (say the chunk was merely
                 // interrupted), the chunk is complete and the range goes on.
@@ -276,9 +276,28 @@ impl FileState {
         })
     }
 
-    /// Records folios that exist already (restore in a successor process).
+    /// Records a folio that exists already (the tests' and loom models'
+    /// way to start from a populated file).
+    #[cfg(test)]
     pub(crate) fn record_present(&self, folio: u64) -> bool {
         self.index.insert(folio)
+    }
+
+    /// Records a run of folios that exist already in a state no other
+    /// thread can see yet (restore, before the file is published): whole
+    /// words at a time, no atomic read-modify-write. Returns how many were
+    /// not recorded before.
+    pub(crate) fn record_present_run_unpublished(&mut self, first: u64, count: u64) -> u64 {
+        self.index.insert_run_unpublished(first, count)
+    }
+
+    /// Records a run of folios that exist already in a published, frozen
+    /// state (an object restored ahead being brought up to date with a later
+    /// description of its file). The caller checked FROZEN: no allocation or
+    /// punch runs, so the run only adds what the kernel already holds.
+    /// Returns how many were not recorded before.
+    pub(crate) fn record_present_run(&self, first: u64, count: u64) -> u64 {
+        self.index.insert_run(first, count)
     }
 }
 

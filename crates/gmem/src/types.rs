@@ -139,3 +139,35 @@ impl fmt::Display for FallocMode {
         write!(formatter, "{:#x}", self.0)
     }
 }
+
+/// A run of present folios: `count` folios of one order, back to back, the
+/// first at page `start` (aligned to the order). How a file's populated
+/// folios are described and restored in bulk
+/// ([`crate::GuestMemFile::populated_runs`], [`crate::GuestMemFile::restore_runs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FolioRun {
+    /// The first page of the first folio.
+    pub start: PageIndex,
+    /// How many folios (at least 1 in a description).
+    pub count: u64,
+    /// Their order.
+    pub order: FolioOrder,
+}
+
+impl FolioRun {
+    /// The number of 4 KiB pages the run covers, `None` on overflow.
+    pub const fn pages(self) -> Option<u64> {
+        self.count.checked_mul(self.order.pages())
+    }
+
+    /// The page after the run's last page, `None` on overflow.
+    pub const fn end(self) -> Option<PageIndex> {
+        match self.pages() {
+            Some(pages) => match self.start.0.checked_add(pages) {
+                Some(end) => Some(PageIndex(end)),
+                None => None,
+            },
+            None => None,
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use common::backends;
-use gmem::{Backend, FallocMode, FolioOrder, GmemFlags, GuestMemFile, PageIndex};
+use gmem::{Backend, FallocMode, FolioOrder, FolioRun, GmemFlags, GuestMemFile, PageIndex};
 
 const MIB: u64 = 1 << 20;
 
@@ -290,6 +290,140 @@ fn restore_rebuilds_the_file_from_fd_descriptor_and_folios() {
             .get_folio(PageIndex(4))
             .expect("fault after finish");
     }
+}
+
+fn run(start: u64, count: u64) -> FolioRun {
+    FolioRun {
+        start: PageIndex(start),
+        count,
+        order: FolioOrder::BASE,
+    }
+}
+
+/// The folios of `runs`, one by one.
+fn folios_of(runs: &[FolioRun]) -> Vec<(PageIndex, FolioOrder)> {
+    runs.iter()
+        .flat_map(|run| {
+            (0..run.count).map(move |folio| (PageIndex(run.start.0 + folio), run.order))
+        })
+        .collect()
+}
+
+#[test]
+fn populated_runs_describe_the_folios_and_restore_runs_rebuilds_them() {
+    for backend in backends() {
+        let file = create(backend);
+        let generation = file.index_generation();
+        file.fallocate(FallocMode::ALLOCATE, 0, 40 * 4096)
+            .expect("allocate");
+        assert_ne!(
+            file.index_generation(),
+            generation,
+            "an allocation changes it"
+        );
+        let generation = file.index_generation();
+        file.get_folio(PageIndex(0)).expect("present");
+        assert_eq!(
+            file.index_generation(),
+            generation,
+            "a present folio does not"
+        );
+        file.get_folio(PageIndex(100)).expect("fault");
+        file.fallocate(FallocMode::ALLOCATE, 200 * 4096, 56 * 4096)
+            .expect("allocate to the end");
+        file.fallocate(FallocMode::PUNCH, 10 * 4096, 4096)
+            .expect("punch");
+        let expected = vec![run(0, 10), run(11, 29), run(100, 1), run(200, 56)];
+        assert_eq!(file.populated_runs().collect::<Vec<_>>(), expected);
+        assert_eq!(file.populated().collect::<Vec<_>>(), folios_of(&expected));
+        let generation = file.index_generation();
+        file.freeze(true);
+        assert_eq!(file.index_generation(), generation, "freezing is no change");
+        let descriptor = file.descriptor();
+        let fd = file.as_fd().try_clone_to_owned().expect("dup");
+        drop(file);
+
+        let refused = |runs: Vec<FolioRun>| {
+            GuestMemFile::restore_runs(fd.try_clone().expect("dup"), &descriptor, runs)
+                .expect_err("bad runs")
+                .errno()
+        };
+        assert_eq!(refused(vec![run(3, 0)]), libc::EINVAL, "an empty run");
+        assert_eq!(refused(vec![run(250, 7)]), libc::EINVAL, "past the end");
+        assert_eq!(
+            refused(vec![run(u64::MAX - 1, 2)]),
+            libc::EINVAL,
+            "wrapping"
+        );
+        let huge = FolioRun {
+            order: FolioOrder::HUGE_2M,
+            ..run(0, 1)
+        };
+        assert_eq!(refused(vec![huge]), libc::EINVAL, "the wrong order");
+
+        let restored =
+            GuestMemFile::restore_runs(fd, &descriptor, expected.clone()).expect("restore");
+        assert!(restored.is_frozen());
+        assert_eq!(restored.populated_runs().collect::<Vec<_>>(), expected);
+        assert_eq!(restored.populated_count(), 96);
+        restored.freeze(false);
+    }
+}
+
+#[test]
+fn update_restored_adds_what_the_predecessor_allocated_and_refuses_what_it_freed() {
+    let file = create(Backend::Memfd);
+    file.fallocate(FallocMode::ALLOCATE, 0, 16 * 4096)
+        .expect("allocate");
+    file.freeze(true);
+    // The offer: a description taken while the predecessor still runs.
+    let offered: Vec<FolioRun> = file.populated_runs().collect();
+    let descriptor = file.descriptor();
+    let fd = file.as_fd().try_clone_to_owned().expect("dup");
+    drop(file);
+    // The successor restores ahead from the offer; then the predecessor
+    // allocates two more ranges in the kernel object (its explicit step).
+    let ahead =
+        GuestMemFile::restore_runs(fd.try_clone().expect("dup"), &descriptor, offered.clone())
+            .expect("restore ahead");
+    for (offset, len) in [(16 * 4096, 4 * 4096), (100 * 4096, 4096)] {
+        rustix::fs::fallocate(&fd, rustix::fs::FallocateFlags::KEEP_SIZE, offset, len)
+            .expect("the predecessor allocates");
+    }
+    let later = vec![run(0, 20), run(100, 1)];
+    let generation = ahead.index_generation();
+
+    // Out of order, or lacking a folio the object has: refused, nothing
+    // recorded.
+    let error = ahead
+        .update_restored(vec![run(100, 1), run(0, 20)])
+        .expect_err("unsorted");
+    assert_eq!(error.errno(), libc::EINVAL);
+    let error = ahead
+        .update_restored(vec![run(0, 8), run(9, 11), run(100, 1)])
+        .expect_err("folio 8 was freed");
+    assert_eq!(error.errno(), libc::EINVAL);
+    assert_eq!(ahead.index_generation(), generation);
+    assert_eq!(ahead.populated_runs().collect::<Vec<_>>(), offered);
+    // Not frozen: refused.
+    ahead.freeze(false);
+    let error = ahead.update_restored(later.clone()).expect_err("unfrozen");
+    assert_eq!(error.errno(), libc::EBUSY);
+    ahead.freeze(true);
+
+    // Adjacent runs of the description count as one range.
+    let split = vec![run(0, 16), run(16, 4), run(100, 1)];
+    assert_eq!(ahead.update_restored(split).expect("update"), 5);
+    assert_ne!(ahead.index_generation(), generation);
+    assert_eq!(ahead.populated_runs().collect::<Vec<_>>(), later);
+    let generation = ahead.index_generation();
+    assert_eq!(ahead.update_restored(later).expect("again"), 0);
+    assert_eq!(
+        ahead.index_generation(),
+        generation,
+        "nothing new, no change"
+    );
+    ahead.freeze(false);
 }
 
 #[test]

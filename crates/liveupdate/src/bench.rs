@@ -17,8 +17,10 @@
 //! What each [`Times`] field spans:
 //! - `preserve`: the session's preserve calls (the guest memory freezes);
 //! - `handover`: freeze, record, transport, the successor rebuilding the
-//!   sessions (for luod both round trips);
-//! - `retrieve`: the handlers' retrieve and finish in the successor;
+//!   sessions (for luod both round trips; for transfer also the handlers'
+//!   retrieve, which the successor runs before it answers the switch);
+//! - `retrieve`: the handlers' retrieve (exec, luod) and finish in the
+//!   successor, and its check of the retrieved file;
 //! - `blackout`: from the freeze to the successor holding the files, what a
 //!   running guest would not run through (for transfer the offer happens
 //!   before it, while the guest runs).
@@ -462,9 +464,10 @@ fn luod_new(options: &RoleOptions) -> Result<(), BenchError> {
 pub struct Times {
     /// The session's preserve calls.
     pub preserve: Duration,
-    /// Freeze, record, transport, the successor rebuilding the sessions.
+    /// Freeze, record, transport, the successor rebuilding the sessions
+    /// (transfer: and retrieving every file, before it answers the switch).
     pub handover: Duration,
-    /// The handlers' retrieve and finish in the successor.
+    /// The handlers' retrieve (exec, luod) and finish in the successor.
     pub retrieve: Duration,
     /// From the freeze to the successor holding the files.
     pub blackout: Duration,

@@ -152,6 +152,26 @@ impl Incoming {
         Ok(Incoming { slots })
     }
 
+    /// Retrieves every file of every session not yet taken
+    /// ([`IncomingSession::retrieve`] for each token, in record order), so
+    /// that each handler rebuilds and checks its object now; the sessions
+    /// stay available, and a later retrieve of a file returns the object
+    /// built here. A transfer successor does this before it answers the
+    /// switch, while the old process still owns the guest.
+    ///
+    /// # Errors
+    /// The first file's retrieve error ([`LuError::Handler`], or `Io`);
+    /// the files after it are not tried. The error is sticky for that file,
+    /// as every failed retrieve is.
+    pub fn retrieve_all(&mut self) -> Result<(), LuError> {
+        for slot in &mut self.slots {
+            if let Slot::Available(session) = slot {
+                session.retrieve_all()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Names of all incoming sessions, retrieved or not, in record order.
     pub fn session_names(&self) -> Vec<SessionName> {
         self.slots.iter().map(|slot| slot.name().clone()).collect()
@@ -296,6 +316,19 @@ impl IncomingSession {
                 })
             }
         }
+    }
+
+    /// Retrieves every file of the session, in preservation order; see
+    /// [`IncomingSession::retrieve`].
+    ///
+    /// # Errors
+    /// The first failing file's error, as [`IncomingSession::retrieve`]
+    /// returns it; the files after it are not tried.
+    pub fn retrieve_all(&mut self) -> Result<(), LuError> {
+        for token in self.tokens() {
+            self.retrieve(token)?;
+        }
+        Ok(())
     }
 
     /// Ends the session: all-or-nothing.

@@ -81,3 +81,62 @@ fn the_old_process_dying_before_the_switch_stops_the_successor() {
     assert!(line.contains(&format!("errno={}", libc::EPIPE)), "{line}");
     successor.wait_success();
 }
+
+#[test]
+fn a_successor_that_built_the_memory_object_ahead_gets_it_brought_up_to_date() {
+    let scratch = Scratch::new("transfer-ahead");
+    let socket = scratch.join("vmm.sock");
+    let socket = socket.to_str().unwrap();
+    let guest = small_guest_arguments(45);
+    let mut all = arguments("transfer-new", socket, &guest);
+    all.push("--build-ahead");
+    let mut successor = Process::peer(&all);
+    let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
+    old.expect("OFFERED");
+    successor.expect("READY");
+    // The old process faults in a page after the offer: the successor's
+    // object, restored from the offer, lacks it until the retrieve at the
+    // switch records it.
+    old.send_line("switch");
+    old.expect("SWITCHED");
+    let verified = successor.expect("VERIFIED transfer");
+    old.wait_success();
+    successor.wait_success();
+    assert!(verified.contains("small=7023pages"), "{verified}");
+}
+
+#[test]
+fn a_successor_whose_retrieve_fails_at_the_switch_leaves_the_old_process_running() {
+    let scratch = Scratch::new("transfer-retrieve-fails");
+    let socket = scratch.join("vmm.sock");
+    let socket = socket.to_str().unwrap();
+    let guest = small_guest_arguments(46);
+    let mut all = arguments("transfer-new", socket, &guest);
+    all.push("--build-ahead");
+    let mut successor = Process::peer(&all);
+    // Between offer and switch the old process also frees a page the offer
+    // listed: the successor's object built ahead cannot match the final
+    // record, so its retrieve fails, before it answers the switch.
+    let mut old_arguments = arguments("transfer-old", socket, &guest);
+    old_arguments.push("--punch-after-offer");
+    let mut old = Process::peer(&old_arguments);
+    old.expect("OFFERED");
+    successor.expect("READY");
+    old.send_line("switch");
+    let failed = old.expect("SWITCH-FAILED");
+    assert!(
+        failed.contains(&format!("errno={}", libc::EINVAL)),
+        "{failed}"
+    );
+    assert!(failed.contains("populated folios differ"), "{failed}");
+    let refused = successor.expect("NO-SWITCH");
+    assert!(
+        refused.contains(&format!("errno={}", libc::EINVAL)),
+        "{refused}"
+    );
+    successor.wait_success();
+    // The old process kept its guest: memory intact, writable, allocatable
+    // again.
+    old.expect("CARRIED-ON");
+    old.wait_success();
+}

@@ -155,9 +155,9 @@ impl Backing {
 /// order, adjacent folios merged.
 pub fn populated_ranges(file: &GuestMemFile) -> Vec<std::ops::Range<u64>> {
     let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
-    for (index, order) in file.populated() {
-        let start = index.byte_offset();
-        let end = start + order.bytes();
+    for run in file.populated_runs() {
+        let start = run.start.byte_offset();
+        let end = start + run.count * run.order.bytes();
         match ranges.last_mut() {
             Some(last) if last.end == start => last.end = end,
             _ => ranges.push(start..end),

@@ -188,8 +188,9 @@ fn host_threads_parked_at_the_stop_take_the_explicit_step_in_every_mode() {
     // A host thread blocked in a fault cannot be interrupted: each update
     // finds the threads parked (the guest still populates 1 GiB and runs
     // frozen until they park), serves their faults by the explicit
-    // unfreeze-serve-refreeze step, and a transfer successor rebuilds its
-    // stale copy of the page index at the switch.
+    // unfreeze-serve-refreeze step, and a transfer successor brings its
+    // copy of the page index, built from the offer, up to date at the
+    // switch.
     let config = DemoConfig {
         size: 1 << 30,
         host_threads: true,
@@ -215,7 +216,7 @@ fn host_threads_parked_at_the_stop_take_the_explicit_step_in_every_mode() {
             row.derived
         );
         if row.mode == Mode::Transfer {
-            assert!(row.new.as_ref().expect("new side").rebuilt_at_switch);
+            assert!(row.new.as_ref().expect("new side").updated_at_switch);
         }
     }
 }

@@ -23,6 +23,8 @@ use clap::{Parser, Subcommand};
 use gmem::{
     Backend, FallocMode, FolioOrder, GmemFlags, GuestMemFile, MemPolicy, NodeMask, PageIndex,
 };
+use liveupdate::handlers::gmem as gmem_handler;
+use liveupdate::handlers::gmem_data::GmemData;
 use liveupdate::handlers::memfd::MemfdFile;
 use liveupdate::luod::LuodClient;
 use liveupdate::transport::{exec, transfer};
@@ -49,6 +51,9 @@ const REWRITTEN_PAGES: [u64; 3] = [0, 1, 4097];
 const LATE_PAGE: u64 = 10;
 /// A hole that stays a hole: faulted in after finish or after an abort.
 const HOLE_PAGE: u64 = 17;
+/// A populated page the transfer test's old process frees between offer and
+/// switch when asked (`--punch-after-offer`).
+const PUNCHED_PAGE: u64 = 5;
 
 /// Plays one side of a live-update test.
 #[derive(Debug, Parser)]
@@ -92,6 +97,11 @@ enum Role {
         /// Socket path.
         #[arg(long)]
         socket: PathBuf,
+        /// Test knob: also free a page the offer listed, between offer and
+        /// switch, so that a successor's object built ahead from the offer
+        /// no longer matches the file.
+        #[arg(long)]
+        punch_after_offer: bool,
     },
     /// Successor of a transfer.
     TransferNew {
@@ -103,6 +113,11 @@ enum Role {
         /// Exit right after accepting the offer.
         #[arg(long)]
         die_before_switch: bool,
+        /// Rebuild the small guest memory file object from the offer, as a
+        /// VMM building its VM ahead does; the retrieve at the switch then
+        /// brings it up to date with the final record (or fails).
+        #[arg(long)]
+        build_ahead: bool,
     },
     /// Old VMM handing its session to luod.
     LuodDeposit {
@@ -147,12 +162,17 @@ fn main() -> anyhow::Result<()> {
     match Arguments::parse().role {
         Role::ExecOld { guest } => exec_old(&guest),
         Role::ExecNew { guest, inherited } => exec_new(&guest, &inherited),
-        Role::TransferOld { guest, socket } => transfer_old(&guest, &socket),
+        Role::TransferOld {
+            guest,
+            socket,
+            punch_after_offer,
+        } => transfer_old(&guest, &socket, punch_after_offer),
         Role::TransferNew {
             guest,
             socket,
             die_before_switch,
-        } => transfer_new(&guest, &socket, die_before_switch),
+            build_ahead,
+        } => transfer_new(&guest, &socket, die_before_switch, build_ahead),
         Role::LuodDeposit {
             guest,
             socket,
@@ -602,7 +622,7 @@ fn exec_new(guest: &Guest, inherited: &str) -> anyhow::Result<()> {
 
 // ---- transfer ----
 
-fn transfer_old(guest: &Guest, socket: &Path) -> anyhow::Result<()> {
+fn transfer_old(guest: &Guest, socket: &Path, punch_after_offer: bool) -> anyhow::Result<()> {
     let files = create_guest(guest)?;
     let (live_update, session) = preserve_guest(guest, &files)?;
     let listener = transfer::TransferListener::bind(socket)?;
@@ -626,6 +646,11 @@ fn transfer_old(guest: &Guest, socket: &Path) -> anyhow::Result<()> {
         );
         files.small.freeze(false);
         mapping.write(LATE_PAGE * PAGE, &pattern_page(guest.seed, 0, LATE_PAGE, 2))?;
+        if punch_after_offer {
+            files
+                .small
+                .fallocate(FallocMode::PUNCH, (PUNCHED_PAGE * PAGE) as i64, PAGE as i64)?;
+        }
         files.small.freeze(true);
     }
     let written = rustix::io::write(&files.state, LATE_STATE)?;
@@ -704,7 +729,32 @@ fn connect_with_retry<T>(
     }
 }
 
-fn transfer_new(guest: &Guest, socket: &Path, die_before_switch: bool) -> anyhow::Result<()> {
+/// Rebuilds the small guest memory file object from the offer (frozen, as
+/// preserved), as a VMM that builds its VM ahead of the switch does.
+fn restore_small_from_offer(offer: &transfer::Offer) -> anyhow::Result<Arc<GuestMemFile>> {
+    let (position, file) = offer
+        .record
+        .files()
+        .enumerate()
+        .find(|(_, (_, file))| file.token == SMALL_TOKEN)
+        .map(|(position, (_, file))| (position, file))
+        .context("the offer holds no small guest memory file")?;
+    let data = GmemData::decode(&file.data)?;
+    let descriptor = gmem_handler::descriptor_of(&data)?;
+    let fd = offer.fds[position].try_clone()?;
+    Ok(GuestMemFile::restore_runs(
+        fd,
+        &descriptor,
+        gmem_handler::runs_of(&data),
+    )?)
+}
+
+fn transfer_new(
+    guest: &Guest,
+    socket: &Path,
+    die_before_switch: bool,
+    build_ahead: bool,
+) -> anyhow::Result<()> {
     let mut successor = connect_with_retry(socket, transfer::TransferSuccessor::connect)?;
     let offer = successor.receive_offer()?;
     // Build ahead while the guest runs: map the guest memory and look at it.
@@ -715,6 +765,16 @@ fn transfer_new(guest: &Guest, socket: &Path, die_before_switch: bool) -> anyhow
         page == pattern_page(guest.seed, 0, 2, 0),
         "offered memory differs"
     );
+    let ahead = if build_ahead {
+        let ahead = restore_small_from_offer(offer)?;
+        ensure!(
+            !ahead.is_present(PageIndex(LATE_PAGE)),
+            "the offer predates the late page"
+        );
+        Some(ahead)
+    } else {
+        None
+    };
     say("READY");
     if die_before_switch {
         // Dies without a word, as a crash would.
@@ -733,6 +793,14 @@ fn transfer_new(guest: &Guest, socket: &Path, die_before_switch: bool) -> anyhow
         switched.payload == b"vcpu registers at the switch",
         "payload differs"
     );
+    if let Some(ahead) = &ahead {
+        // The retrieve before SWITCHED recorded the late page in the object
+        // built ahead (it is this process's only object for the file).
+        ensure!(
+            ahead.is_present(PageIndex(LATE_PAGE)),
+            "the object built ahead was not brought up to date"
+        );
+    }
     let report = verify_incoming(guest, switched.incoming, true)?;
     say(&format!("VERIFIED transfer {report}"));
     Ok(())

@@ -14,8 +14,10 @@
 //!    behind the orchestrator's back) is refused with `EBUSY`: its index is
 //!    not stable.
 //! 3. `retrieve` in the successor rebuilds the object with
-//!    [`gmem::GuestMemFile::restore`], frozen; in the process that still has
-//!    the object (an in-process handover) it returns that object instead.
+//!    [`gmem::GuestMemFile::restore_runs`], frozen; in a process that
+//!    already has an object for the file (an in-process handover, or a
+//!    transfer successor that restored it ahead from an offer) it returns
+//!    that object instead, brought up to date with the record.
 //! 4. `finish` unfreezes the retrieved file.
 //!
 //! Failure paths: `unfreeze` (handover aborted) discards nothing but the
@@ -32,7 +34,8 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use gmem::{
-    Backend, FolioOrder, GmemDescriptor, GmemFlags, GuestMemFile, MemPolicy, NodeMask, PageIndex,
+    Backend, FolioOrder, FolioRun, GmemDescriptor, GmemFlags, GuestMemFile, MemPolicy, NodeMask,
+    PageIndex,
 };
 
 use super::gmem_data::{BackendCode, GMEM_COMPATIBLE, GMEM_DATA_VERSION, GmemData, PolicyRange};
@@ -222,7 +225,8 @@ fn policy_of(range: &PolicyRange) -> Result<(Range<PageIndex>, MemPolicy), GmemH
     ))
 }
 
-/// The record data describing `file` now: the walk of its page index.
+/// The record data describing `file` now: the walk of its page index, a
+/// run (and a word of 64 folios) at a time.
 ///
 /// # Errors
 /// `EINVAL`/`EOPNOTSUPP` ([`GmemHandlerError::Data`]) if the file cannot be
@@ -234,14 +238,26 @@ pub fn describe(file: &GuestMemFile) -> Result<GmemData, GmemHandlerError> {
         .iter()
         .map(|(range, policy)| policy_range(range, *policy))
         .collect();
-    let folios = file.populated().map(|(index, order)| (index.0, order.0));
-    Ok(GmemData::from_folios(
+    let runs = file
+        .populated_runs()
+        .map(|run| (run.start.0, run.count, run.order.0));
+    Ok(GmemData::from_runs(
         descriptor.size,
         descriptor.flags.0,
         backend_code(descriptor.backend),
         policies,
-        folios,
+        runs,
     )?)
+}
+
+/// The populated folios of `data` as gmem runs, for
+/// [`GuestMemFile::restore_runs`] and [`GuestMemFile::update_restored`].
+pub fn runs_of(data: &GmemData) -> impl Iterator<Item = FolioRun> + '_ {
+    data.runs.iter().map(|run| FolioRun {
+        start: PageIndex(run.first_page),
+        count: u64::from(run.folio_count),
+        order: FolioOrder(run.order),
+    })
 }
 
 /// The descriptor a successor restores from `data` (frozen: a preserved
@@ -270,24 +286,39 @@ fn state_of(state: &PreservedState) -> Result<&GmemPreserved, HandlerError> {
         .ok_or_else(|| HandlerError::new(libc::EINVAL, "gmem handler given a foreign state"))
 }
 
-/// In the process that still holds the object (an in-process handover),
-/// `restore` would refuse a second object (`EBUSY`): use the existing one if
-/// it is the recorded file.
+/// In a process that already holds an object for the file, `restore` would
+/// refuse a second one (`EBUSY`): use the existing one if it is the
+/// recorded file. That process is either the one that preserved the file
+/// (an in-process handover: the object is the record's source), or a
+/// transfer successor that restored the object ahead from an offer; the old
+/// process may have allocated folios since (its explicit parked-fault
+/// step), which the object then gets recorded
+/// ([`GuestMemFile::update_restored`]). An object with a folio the record
+/// lacks, or of another size, flags or backend, is refused.
 fn existing_object(
     fd: BorrowedFd<'_>,
     descriptor: &GmemDescriptor,
     data: &GmemData,
 ) -> Result<Arc<GuestMemFile>, GmemHandlerError> {
     let file = gmem::lookup(fd).ok_or(GmemHandlerError::NotGuestMemory)?;
-    let now = describe(&file)?;
     if file.size() != descriptor.size
         || file.flags() != descriptor.flags
         || file.backend() != descriptor.backend
-        || now.runs != data.runs
     {
         return Err(GmemHandlerError::Mismatch {
-            detail: format!("size, flags, backend or populated folios differ ({file:?})"),
+            detail: format!("size, flags or backend differ ({file:?})"),
         });
+    }
+    if describe(&file)?.runs != data.runs {
+        let recorded =
+            file.update_restored(runs_of(data))
+                .map_err(|error| GmemHandlerError::Mismatch {
+                    detail: format!("the populated folios differ: {error}"),
+                })?;
+        tracing::info!(
+            recorded,
+            "this process's object for the file was brought up to date with the record"
+        );
     }
     Ok(file)
 }
@@ -348,11 +379,8 @@ impl FileHandler for GmemHandler {
             tracing::info!("retrieved guest memory file is this process's own object");
             return Ok(existing);
         }
-        let folios = data
-            .folios()
-            .map(|(page, order)| (PageIndex(page), FolioOrder(order)));
-        let restored =
-            GuestMemFile::restore(file, &descriptor, folios).map_err(GmemHandlerError::Gmem)?;
+        let restored = GuestMemFile::restore_runs(file, &descriptor, runs_of(&data))
+            .map_err(GmemHandlerError::Gmem)?;
         Ok(restored)
     }
 

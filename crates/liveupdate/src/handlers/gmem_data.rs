@@ -122,7 +122,7 @@ pub struct FolioRun {
 
 impl FolioRun {
     fn pages(&self) -> Option<u64> {
-        u64::from(self.folio_count).checked_mul(1u64 << self.order)
+        u64::from(self.folio_count).checked_mul(1u64.checked_shl(u32::from(self.order))?)
     }
 
     fn end_page(&self) -> Option<u64> {
@@ -158,20 +158,27 @@ impl GmemData {
         policies: Vec<PolicyRange>,
         folios: impl IntoIterator<Item = (u64, u8)>,
     ) -> Result<GmemData, BlobError> {
+        let runs = folios.into_iter().map(|(page, order)| (page, 1, order));
+        GmemData::from_runs(size, flags, backend, policies, runs)
+    }
+
+    /// Builds the data from runs of folios in ascending page order
+    /// (`(first page, folio count, order)`), merging neighbours of equal
+    /// order and splitting runs longer than a run entry holds (`u32::MAX`
+    /// folios). Costs a step per run, not per folio.
+    ///
+    /// # Errors
+    /// Those of [`GmemData::validate`].
+    pub fn from_runs(
+        size: u64,
+        flags: u64,
+        backend: BackendCode,
+        policies: Vec<PolicyRange>,
+        folio_runs: impl IntoIterator<Item = (u64, u64, u8)>,
+    ) -> Result<GmemData, BlobError> {
         let mut runs: Vec<FolioRun> = Vec::new();
-        for (page, order) in folios {
-            if let Some(last) = runs.last_mut() {
-                let contiguous = last.order == order && last.end_page() == Some(page);
-                if contiguous && last.folio_count < u32::MAX {
-                    last.folio_count += 1;
-                    continue;
-                }
-            }
-            runs.push(FolioRun {
-                first_page: page,
-                folio_count: 1,
-                order,
-            });
+        for (first_page, count, order) in folio_runs {
+            push_folios(&mut runs, first_page, count, order);
         }
         let data = GmemData {
             size,
@@ -349,6 +356,43 @@ impl GmemData {
     }
 }
 
+/// Appends `count` folios of `order` from `first_page` to `runs`: into the
+/// last run when they follow it with its order, in new runs of at most
+/// `u32::MAX` folios otherwise. Arithmetic saturates: a run that would
+/// overflow is kept as it is and refused by [`GmemData::validate`].
+fn push_folios(runs: &mut Vec<FolioRun>, mut first_page: u64, mut count: u64, order: u8) {
+    let pages_of = |folios: u64| {
+        folios
+            .checked_shl(u32::from(order))
+            .filter(|pages| pages >> order == folios)
+            .unwrap_or(u64::MAX)
+    };
+    while count > 0 {
+        let taken = match runs.last_mut() {
+            Some(last)
+                if last.order == order
+                    && last.end_page() == Some(first_page)
+                    && last.folio_count < u32::MAX =>
+            {
+                let taken = count.min(u64::from(u32::MAX - last.folio_count));
+                last.folio_count += taken as u32;
+                taken
+            }
+            _ => {
+                let taken = count.min(u64::from(u32::MAX));
+                runs.push(FolioRun {
+                    first_page,
+                    folio_count: taken as u32,
+                    order,
+                });
+                taken
+            }
+        };
+        count -= taken;
+        first_page = first_page.saturating_add(pages_of(taken));
+    }
+}
+
 fn validate_policies(policies: &[PolicyRange], pages: u64) -> Result<(), BlobError> {
     let mut previous_end = 0;
     for policy in policies {
@@ -459,6 +503,49 @@ mod tests {
         assert_eq!(listed.len(), 19);
         assert_eq!(listed[16], (512, 9));
         assert_eq!(listed[17], (1024, 9));
+    }
+
+    #[test]
+    fn runs_merge_like_folios_and_split_at_the_entry_limit() {
+        let by_runs = GmemData::from_runs(
+            64 << 20,
+            1,
+            BackendCode::Memfd,
+            sample().policies,
+            [
+                (0, 10, 0),
+                (10, 6, 0),
+                (512, 1, 9),
+                (1024, 1, 9),
+                (2048, 1, 0),
+            ],
+        )
+        .unwrap();
+        assert_eq!(by_runs, sample());
+        // An empty run adds nothing.
+        let mut runs = Vec::new();
+        push_folios(&mut runs, 7, 0, 0);
+        assert!(runs.is_empty());
+        // 2^33 folios (32 TiB of 4 KiB pages): entries of u32::MAX folios.
+        push_folios(&mut runs, 0, 1 << 32, 0);
+        push_folios(&mut runs, 1 << 32, 1 << 32, 0);
+        let max = u64::from(u32::MAX);
+        assert_eq!(
+            runs.iter()
+                .map(|run| (run.first_page, u64::from(run.folio_count)))
+                .collect::<Vec<_>>(),
+            vec![(0, max), (max, max), (2 * max, 2)]
+        );
+        // An order whose pages overflow is kept and refused by validation.
+        let mut hostile = Vec::new();
+        push_folios(&mut hostile, 0, 3, 200);
+        push_folios(&mut hostile, 8, 1, 200);
+        assert_eq!(hostile.len(), 2);
+        let data = GmemData {
+            runs: hostile,
+            ..sample()
+        };
+        assert!(data.validate().is_err());
     }
 
     #[test]

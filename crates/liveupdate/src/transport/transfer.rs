@@ -15,7 +15,8 @@
 //! READY     new -> old  the offer was valid; the successor builds ahead
 //! SWITCH    old -> new  fds: delta record memfd; body: the caller's payload
 //!                       (vCPU state, at most MAX_SWITCH_PAYLOAD bytes)
-//! SWITCHED  new -> old  the final record is valid, the successor can run
+//! SWITCHED  new -> old  the final record is valid and every file of it is
+//!                       retrieved: the successor can run
 //! COMMIT    old -> new  the old process has let go: run
 //! ERROR     either      errno (i32) and a message
 //! ```
@@ -29,19 +30,30 @@
 //!    delta between offer and final record (the files whose handler data
 //!    changed) and the payload go out.
 //! 3. New ([`TransferSuccessor::wait_for_switch`]): applies the delta,
-//!    rebuilds the incoming sessions, answers SWITCHED and waits for COMMIT.
+//!    rebuilds the incoming sessions, retrieves every file of them (each
+//!    handler rebuilds and checks its object: the gmem handler restores the
+//!    guest memory file, or brings the object restored ahead up to date),
+//!    and only then answers SWITCHED; then it waits for COMMIT.
 //! 4. Old: on SWITCHED it completes the handover, sends COMMIT and returns;
 //!    it must not touch guest memory again (the files stay frozen) and
 //!    normally exits.
 //!
+//! Invariant: the guest has one owner at every moment. The old process owns
+//! it until it has SWITCHED in hand, and the successor answers SWITCHED only
+//! when nothing it still has to do can fail for lack of a valid record or
+//! file, so a failed retrieve never strands the guest.
+//!
 //! Failure paths (either side dying before the switch aborts cleanly):
-//! 1. The successor dies, refuses (ERROR) or times out before SWITCHED: the
-//!    old process aborts the handover (files unfrozen, still preserved) and
-//!    carries on; `switch` returns the error.
+//! 1. The successor dies, refuses (ERROR: a bad delta or record, a file
+//!    whose retrieve fails) or times out before SWITCHED: the old process
+//!    aborts the handover (files unfrozen, still preserved) and carries on;
+//!    `switch` returns the error.
 //! 2. The sessions changed between offer and switch (files preserved or
 //!    closed): `switch` aborts with `EBUSY`; offer again.
 //! 3. The old process dies or aborts before COMMIT: the successor gets
-//!    `EPIPE` or the old side's error and must not run the guest.
+//!    `EPIPE` or the old side's error and must not run the guest (the
+//!    objects it retrieved are dropped; a frozen guest memory file object
+//!    changes nothing in the kernel object).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -238,7 +250,8 @@ pub struct Offer {
 /// What the successor has after the switch.
 #[derive(Debug)]
 pub struct Switched {
-    /// The incoming sessions.
+    /// The incoming sessions, every file already retrieved: retrieving a
+    /// session and its files returns the objects built before SWITCHED.
     pub incoming: Incoming,
     /// The payload the old process sent at the switch.
     pub payload: Vec<u8>,
@@ -299,14 +312,16 @@ impl TransferSuccessor {
         }
     }
 
-    /// Waits for the switch (accepting newer offers meanwhile) and returns
-    /// the incoming sessions once the old process has committed.
+    /// Waits for the switch (accepting newer offers meanwhile), retrieves
+    /// every file of the final record, and returns the incoming sessions
+    /// once the old process has committed.
     ///
     /// # Errors
     /// - `EPIPE`: the old process went away before COMMIT (do not run);
     /// - [`LuError::Remote`]: it reported an error;
-    /// - record, delta and retrieval errors (the old process is told and
-    ///   carries on).
+    /// - record and delta errors, and every file's retrieve error
+    ///   ([`Incoming::retrieve_all`]): the old process is told before it
+    ///   lets go, and carries on.
     pub fn wait_for_switch(mut self, registry: &HandlerRegistry) -> Result<Switched, LuError> {
         loop {
             let message = self.channel.receive("waiting for the switch", false)?;
@@ -359,7 +374,10 @@ impl TransferSuccessor {
         let delta = Record::decode(&fdio::read_sealed_memfd(&delta_fd)?)?;
         let mut record = offer.record;
         record.apply_delta(&delta)?;
-        let incoming = Incoming::from_parts(registry, record, offer.fds)?;
+        let mut incoming = Incoming::from_parts(registry, record, offer.fds)?;
+        // Before SWITCHED: a file that cannot be retrieved must fail the
+        // switch while the old process still owns the guest.
+        incoming.retrieve_all()?;
         Ok(Switched {
             incoming,
             payload: message.body,

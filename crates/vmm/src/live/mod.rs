@@ -23,17 +23,21 @@
 //!    deposit with luod and start the successor (luod); the old process
 //!    then exits (its VM is torn down at idle priority);
 //! 6. the successor retrieves both files (the memory file comes back
-//!    frozen), starts its own fault service on it, builds (or has built)
-//!    its VM over it, restores the state and resumes the vCPUs ([`new`]);
+//!    frozen; a transfer successor retrieves them at the switch, before it
+//!    answers SWITCHED, which brings its object built ahead up to date),
+//!    starts its own fault service on it, builds (or has built) its VM over
+//!    it, restores the state and resumes the vCPUs ([`new`]);
 //! 7. it finishes the session: the file unfreezes and the successor's fault
 //!    service serves the faults that parked meanwhile and every first touch
 //!    from then on;
 //! 8. it measures the guest's view (gap, recovery) and reports ([`report`]).
 //!
-//! Failure paths: an error before the handover call completes aborts: the
-//! vCPUs (if stopped) run again in the old process, the session is closed,
-//! which unfreezes the file, and the guest carries on as if nothing
-//! happened ([`control::Event::UpdateFailed`] with `guest_running`). A
+//! Failure paths: an error before the handover call completes (in transfer
+//! mode this includes a successor whose retrieve fails at the switch)
+//! aborts: the vCPUs (if stopped) run again in the old process, the
+//! session is closed, which unfreezes the file, and the guest carries on as
+//! if nothing happened ([`control::Event::UpdateFailed`] with
+//! `guest_running`). A
 //! successor that fails after the handover has no guest to give back: it
 //! reports and exits with an error (the memory is still in the file).
 

@@ -8,8 +8,9 @@
 //! - transfer: connect to the old process, accept its offer, rebuild the
 //!   memory file object from the offer (frozen), serve it, build the VM
 //!   and its waiting vCPU threads (and prefault) while the guest still runs
-//!   there, then wait for the switch; the retrieve at the switch finds the
-//!   object built ahead;
+//!   there, then wait for the switch; the retrieve at the switch, before
+//!   this process answers it, finds the object built ahead and brings it up
+//!   to date if the old process allocated pages after the offer;
 //!
 //! then, for all: read the state, restore it and release the vCPUs, finish
 //! the session (the file unfreezes; the fault service serves what parked),
@@ -23,8 +24,8 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gmem::{FolioOrder, GuestMemFile, PageIndex};
-use liveupdate::handlers::gmem::descriptor_of;
+use gmem::GuestMemFile;
+use liveupdate::handlers::gmem::{descriptor_of, runs_of};
 use liveupdate::handlers::gmem_data::{GMEM_COMPATIBLE, GmemData};
 use liveupdate::handlers::memfd::MemfdFile;
 use liveupdate::luod::LuodClient;
@@ -32,7 +33,6 @@ use liveupdate::transport::transfer::{Offer, TransferSuccessor};
 use liveupdate::{Incoming, IncomingSession};
 
 use super::handler::note_built_ahead;
-use super::old::INDEX_CHANGED;
 use super::process::{Role, VmmArgs};
 use super::report::NewSide;
 use super::vm::{Cpus, LiveVm, monitor_for};
@@ -346,6 +346,9 @@ fn transfer(args: &VmmArgs, side: &mut NewSide) -> Result<(IncomingSession, Buil
     }
     let file = restore_from_offer(offer)?;
     let built = build(args, Arc::clone(&file), true, side)?;
+    let generation_ahead = file.index_generation();
+    // The switch retrieves every file before this process answers it: a
+    // failure there leaves the guest with the old process.
     let switched = successor
         .wait_for_switch(&registry(args)?)
         .map_err(|error| format!("waiting for the switch: {error}"))?;
@@ -354,23 +357,13 @@ fn transfer(args: &VmmArgs, side: &mut NewSide) -> Result<(IncomingSession, Buil
     let mut session = incoming
         .retrieve_session(&args.session)
         .map_err(|error| format!("retrieving session {}: {error}", args.session))?;
-    if switched.payload == INDEX_CHANGED {
-        // The old VMM served parked faults after the offer: the object built
-        // from the offer is stale. Drop it (and the VM over its mapping) so
-        // that the retrieve rebuilds it from the final record, then build
-        // again, inside the blackout.
-        tracing::warn!("the page index changed after the offer; rebuilding at the switch");
-        side.rebuilt_at_switch = true;
-        drop(built);
-        drop(file);
-        let retrieved = retrieve_memory(&mut session)?;
-        let now = Instant::now();
-        side.retrieved_ns = instant_ns(now);
-        side.phases.retrieve = now - started;
-        let built = build(args, retrieved, false, side)?;
-        return Ok((session, built));
-    }
     let retrieved = retrieve_memory(&mut session)?;
+    if file.index_generation() != generation_ahead {
+        // The old VMM served parked faults after the offer: the retrieve
+        // recorded their pages in the object built ahead.
+        tracing::info!("the page index changed after the offer; brought up to date at the switch");
+        side.updated_at_switch = true;
+    }
     if !Arc::ptr_eq(&retrieved, &file) {
         return Err("the retrieved guest memory file is not the one built ahead".into());
     }
@@ -382,7 +375,8 @@ fn transfer(args: &VmmArgs, side: &mut NewSide) -> Result<(IncomingSession, Buil
 
 /// Rebuilds the memory file object from the offer (frozen, as preserved):
 /// the retrieve at the switch then finds this object and checks it against
-/// the final record.
+/// the final record (bringing it up to date where the old process
+/// allocated pages since).
 fn restore_from_offer(offer: &Offer) -> Result<Arc<GuestMemFile>, Failure> {
     let (position, file) = offer
         .record
@@ -409,10 +403,7 @@ fn restore_from_offer(offer: &Offer) -> Result<Arc<GuestMemFile>, Failure> {
         .ok_or("the offer has fewer fds than files")?
         .try_clone()
         .map_err(|error| format!("duplicating the offered fd: {error}"))?;
-    let folios = data
-        .folios()
-        .map(|(page, order)| (PageIndex(page), FolioOrder(order)));
-    let restored = GuestMemFile::restore(fd, &descriptor, folios)
+    let restored = GuestMemFile::restore_runs(fd, &descriptor, runs_of(&data))
         .map_err(|error| format!("rebuilding the guest memory file: {error}"))?;
     note_built_ahead(&restored, &file.data);
     Ok(restored)

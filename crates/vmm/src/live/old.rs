@@ -36,10 +36,6 @@ use crate::state::MachineState;
 use crate::time::instant_ns;
 use crate::vcpu::ExitHandler;
 
-/// The transfer switch payload saying that the memory file's page index
-/// changed after the offer (the parked step served faults).
-pub(crate) const INDEX_CHANGED: &[u8] = b"gmem-lu: page index changed since the offer";
-
 /// How long the kick waits before a vCPU counts as stuck in a fault.
 const KICK_WAIT: Duration = Duration::from_millis(50);
 /// How long a stuck vCPU may take to stop once its fault is served.
@@ -259,10 +255,6 @@ fn stop_and_save(vm: &mut LiveVm, preserved: &Preserved, clock: &mut Clock) -> S
             (Stopped::Threads, Instant::now(), written)
         }
     };
-    if clock.side.parked.served_for_stuck > 0 {
-        // The explicit step allocated pages while the file was preserved.
-        super::handler::note_index_changed(vm.backing.file());
-    }
     clock.side.kicked_ns = instant_ns(kicked);
     clock.side.last_stop_ns = instant_ns(last_stop);
     clock.side.phases.stop = last_stop.saturating_duration_since(kicked);
@@ -503,17 +495,13 @@ fn hand_over_by_transfer(
         .map_err(running_failure("waiting for the successor to build its VM"))?;
     clock.side.phases.successor_build = building.elapsed();
     let saved = stop_and_save(vm, preserved, clock)?;
-    // The explicit parked step allocates pages after the offer; the
-    // successor's file object, rebuilt from the offer, then no longer
-    // matches the file and must be rebuilt at the switch: say so in the
-    // switch payload (the only thing that crosses besides the delta).
-    let payload: &[u8] = if clock.side.parked.served_for_stuck > 0 {
-        INDEX_CHANGED
-    } else {
-        &[]
-    };
+    // The vCPU state travels in the preserved state slot, so the switch
+    // needs no payload. If the explicit parked step allocated pages after
+    // the offer, the delta carries the new description of the memory file,
+    // and the successor brings its object built ahead up to date with it
+    // before it answers the switch (or refuses, and the guest stays here).
     let switching = Instant::now();
-    if let Err(error) = transfer_link.switch(&preserved.live_update, payload) {
+    if let Err(error) = transfer_link.switch(&preserved.live_update, &[]) {
         return Err((format!("the switch: {error}"), Some(saved)));
     }
     clock.side.phases.handover = switching.elapsed();

@@ -140,9 +140,11 @@ pub struct OldSide {
 /// Durations of the successor's phases.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewPhases {
-    /// Getting the sessions (exec: from the environment; luod: retrieve;
-    /// transfer: the switch message) and retrieving both files, which
-    /// rebuilds the memory file object (frozen).
+    /// Getting the sessions (exec: from the environment; luod: retrieve)
+    /// and retrieving both files, which rebuilds the memory file object
+    /// (frozen). Transfer: taking the files from the switch, which
+    /// retrieved them before the successor answered it (that retrieve is
+    /// part of the old side's handover).
     pub retrieve: Duration,
     /// Starting the fault service over the memory file and mapping it.
     pub adopt: Duration,
@@ -183,9 +185,10 @@ pub struct NewSide {
     pub phases: NewPhases,
     /// Pages the prefault program touched.
     pub prefault_pages: u64,
-    /// Transfer: the memory file object built ahead was stale (the old VMM
-    /// served parked faults after the offer) and was rebuilt at the switch.
-    pub rebuilt_at_switch: bool,
+    /// Transfer: the memory file object built ahead was behind the final
+    /// record (the old VMM served parked faults after the offer) and was
+    /// brought up to date at the switch.
+    pub updated_at_switch: bool,
     /// Per vCPU, the gap its own loop saw across the update, in ns (None:
     /// the probe caught nothing, which fails the demo).
     pub guest_gaps_ns: Vec<Option<u64>>,
