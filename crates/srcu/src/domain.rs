@@ -37,7 +37,9 @@
 //!   two writer barriers, not four: with the membarrier read side each one is
 //!   an IPI to every CPU running a thread of the process, about 15 µs on
 //!   this nested KVM, and four of them made the median `synchronize` with
-//!   two busy readers about 60 µs. Every writer barrier that remains pairs
+//!   two busy readers about 60 µs; with two it measures 31 to 34 µs
+//!   (`cargo run --release -p srcu --example compare`). Every writer
+//!   barrier that remains pairs
 //!   with the readers and is a membarrier under that read side, never a
 //!   plain fence (see `barrier`). The loom models pass without E and D at
 //!   preemption bound 5 and fail when A, B, C or either drain is removed.
