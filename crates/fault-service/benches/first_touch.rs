@@ -15,6 +15,7 @@ fn first_touch(criterion: &mut Criterion) {
     group.measurement_time(Duration::from_secs(3));
     for kind in [
         FirstTouch::ThroughService,
+        FirstTouch::ThroughServiceOnOneCpu,
         FirstTouch::Plain,
         FirstTouch::Fallocate,
     ] {

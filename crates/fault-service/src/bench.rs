@@ -10,6 +10,17 @@
 //! touched, both files are punched empty outside the timing (a punch also
 //! unmaps the pages, so the next touch is a first touch again). Nothing is
 //! random, so there is no seed.
+//!
+//! Two service rows, because a first touch through the service is two
+//! thread wake-ups (toucher to handler, handler to toucher), and what a
+//! wake-up costs depends on where the threads run. With the handler on
+//! another CPU, a wake-up of an idle CPU is an IPI that, on a nested KVM,
+//! costs tens of microseconds (the project machine: 25 to 30 µs each way
+//! when the other CPU is idle, about 2 µs when it is busy), which then
+//! dominates the figure. [`FirstTouch::ThroughServiceOnOneCpu`] pins the
+//! toucher and the handler to one CPU, so each wake-up is a context switch
+//! on that CPU: that is the mechanism's own cost, and what a busy host with
+//! no idle CPUs pays.
 
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
@@ -52,8 +63,12 @@ fn kernel(operation: &'static str) -> impl FnOnce(Errno) -> BenchError {
 /// How a page gets its first touch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FirstTouch {
-    /// A store to a page of a gmem file whose mapping the service handles.
+    /// A store to a page of a gmem file whose mapping the service handles,
+    /// the handler thread placed by the scheduler.
     ThroughService,
+    /// The same with the toucher and the service's handler thread pinned to
+    /// the CPU the toucher was on (no cross-CPU wake-up).
+    ThroughServiceOnOneCpu,
     /// A store to a page of a plain memfd mapping (the kernel's shmem fault).
     Plain,
     /// `fallocate(KEEP_SIZE)` of the page on a plain memfd, no touch.
@@ -100,19 +115,52 @@ impl Drop for PlainMemfd {
     }
 }
 
+/// The calling thread pinned to the CPU it runs on; the former affinity
+/// comes back on drop.
+struct PinnedToThisCpu {
+    former: rustix::thread::CpuSet,
+}
+
+impl PinnedToThisCpu {
+    fn new() -> Result<PinnedToThisCpu, BenchError> {
+        let former =
+            rustix::thread::sched_getaffinity(None).map_err(kernel("sched_getaffinity"))?;
+        let mut only = rustix::thread::CpuSet::new();
+        only.set(rustix::thread::sched_getcpu());
+        rustix::thread::sched_setaffinity(None, &only).map_err(kernel("sched_setaffinity"))?;
+        Ok(PinnedToThisCpu { former })
+    }
+}
+
+impl Drop for PinnedToThisCpu {
+    fn drop(&mut self) {
+        // The former set held this thread a moment ago, so it is valid.
+        let _ = rustix::thread::sched_setaffinity(None, &self.former);
+    }
+}
+
 /// Times `iterations` first touches of `kind`; returns the total.
 ///
 /// Errors: those of creating, mapping and punching the files (ENOMEM), and
 /// of starting the fault service (EPERM without the userfaultfd privilege).
 pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchError> {
     let file = GuestMemFile::create(PAGES * PAGE, GmemFlags::HOST_ACCESSIBLE, Backend::Memfd)?;
+    // Before the service starts: its handler thread inherits the affinity.
+    let _pinned = match kind {
+        FirstTouch::ThroughServiceOnOneCpu => Some(PinnedToThisCpu::new()?),
+        _ => None,
+    };
     let service = match kind {
-        FirstTouch::ThroughService => Some(FaultService::start([file.clone()])?),
+        FirstTouch::ThroughService | FirstTouch::ThroughServiceOnOneCpu => {
+            Some(FaultService::start([file.clone()])?)
+        }
         FirstTouch::Plain | FirstTouch::Fallocate => None,
     };
     let plain = PlainMemfd::new()?;
     let base = match kind {
-        FirstTouch::ThroughService => file.mapping()?.host_address().as_ptr(),
+        FirstTouch::ThroughService | FirstTouch::ThroughServiceOnOneCpu => {
+            file.mapping()?.host_address().as_ptr()
+        }
         FirstTouch::Plain | FirstTouch::Fallocate => plain.base.as_ptr(),
     };
     let mut elapsed = Duration::ZERO;
@@ -122,7 +170,9 @@ pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchE
         let start = Instant::now();
         for page in 0..batch {
             match kind {
-                FirstTouch::ThroughService | FirstTouch::Plain => {
+                FirstTouch::ThroughService
+                | FirstTouch::ThroughServiceOnOneCpu
+                | FirstTouch::Plain => {
                     // SAFETY: page < PAGES, so the byte is inside the
                     // PAGES-page mapping; a plain volatile store.
                     unsafe { base.add((page * PAGE) as usize).write_volatile(1) };
@@ -155,11 +205,17 @@ mod tests {
     fn every_kind_of_first_touch_takes_time() {
         for kind in [
             FirstTouch::ThroughService,
+            FirstTouch::ThroughServiceOnOneCpu,
             FirstTouch::Plain,
             FirstTouch::Fallocate,
         ] {
+            let affinity = rustix::thread::sched_getaffinity(None).expect("affinity");
             match first_touch(kind, 64) {
-                Ok(elapsed) => assert!(elapsed > Duration::ZERO, "{kind:?}"),
+                Ok(elapsed) => {
+                    assert!(elapsed > Duration::ZERO, "{kind:?}");
+                    let after = rustix::thread::sched_getaffinity(None).expect("affinity");
+                    assert!(after == affinity, "{kind:?} left the thread pinned");
+                }
                 Err(BenchError::Service(error)) => {
                     eprintln!("SKIPPED: {kind:?}: the fault service cannot start here: {error}");
                 }

@@ -120,7 +120,7 @@ impl Plan {
         let read = self.rounds * srcu::bench::CONTENDERS.len() * self.thread_counts.len();
         let synchronize = 4;
         let gmem = self.rounds * 2 * 5 + 2;
-        let first_touch = self.rounds * 3;
+        let first_touch = self.rounds * 4;
         let memory = 2;
         let handover = 2 * self.guest_sizes.len() * self.handover_runs * (1 + Transport::ALL.len());
         read + synchronize + gmem + first_touch + memory + handover
@@ -413,16 +413,18 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
     Ok(())
 }
 
-/// The fault service's first touch against a plain first touch and against
-/// fallocate of the page.
+/// The fault service's first touch (handler placed by the scheduler, and
+/// pinned with the toucher to one CPU) against a plain first touch and
+/// against fallocate of the page.
 pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()> {
     use fault_service::bench::{BenchError, FirstTouch};
     let kinds = [
         (FirstTouch::ThroughService, "service"),
+        (FirstTouch::ThroughServiceOnOneCpu, "service_one_cpu"),
         (FirstTouch::Plain, "plain"),
         (FirstTouch::Fallocate, "fallocate"),
     ];
-    let mut samples: [Vec<f64>; 3] = Default::default();
+    let mut samples: [Vec<f64>; 4] = Default::default();
     for round in 0..plan.rounds {
         for (slot, (kind, _)) in kinds.iter().enumerate() {
             collector.progress.step(&format!(
@@ -436,8 +438,9 @@ pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Re
                     samples[slot].push(per_operation_ns(elapsed, plan.touches) / 1e3);
                 }
                 Err(BenchError::Service(error)) => {
+                    // The comparison needs the service's rows: skip all.
                     collector.skip(
-                        "fault.first_touch.service".to_owned(),
+                        "fault.first_touch.*".to_owned(),
                         format!("the fault service cannot start here: {error}"),
                     );
                     return Ok(());
@@ -446,13 +449,20 @@ pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Re
             }
         }
     }
-    let [service, plain, fallocate] = samples;
+    let [service, service_one_cpu, plain, fallocate] = samples;
     collector.figure(
         "fault.first_touch.service".to_owned(),
         "first touch of a 4 KiB page through the fault service (userfaultfd -> get_folio -> wake)"
             .to_owned(),
         Unit::Us,
         service,
+        Some("fault.first_touch.plain".to_owned()),
+    );
+    collector.figure(
+        "fault.first_touch.service_one_cpu".to_owned(),
+        "the same, toucher and handler thread pinned to one CPU (no cross-CPU wake-up)".to_owned(),
+        Unit::Us,
+        service_one_cpu,
         Some("fault.first_touch.plain".to_owned()),
     );
     collector.figure(
