@@ -63,7 +63,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::barrier::ReadSide;
 use crate::reader::{self, ORPHAN_OWNER, ReaderSlot, SharedSlot};
-use crate::sync::{self, Arc, AtomicU8, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{self, Arc, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Source of domain ids; 0 means "not assigned yet".
 static NEXT_DOMAIN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -128,18 +128,17 @@ struct Hot {
     /// Bit 0 selects the counters new readers bump. Only grace periods store
     /// it, one at a time (the `running` flag serialises them).
     index: AtomicUsize,
-    /// Key of this domain in threads' slot caches, assigned on first use.
-    id: AtomicU64,
-    /// The resolved read side ([`READ_SIDE_UNRESOLVED`] until first use),
-    /// kept here so a reader finds it on the line it reads anyway.
-    read_side: AtomicU8,
+    /// 0 until the domain's first use, then `id << 2 | read side code`:
+    /// the domain's key in threads' slot caches and its resolved read side
+    /// in one word, so that a reader gets both with a single load.
+    key: AtomicU64,
 }
 
-/// `Hot::read_side` before the domain's first use (loom domains never are).
-#[cfg_attr(loom, allow(dead_code))]
-const READ_SIDE_UNRESOLVED: u8 = 0;
-const READ_SIDE_MEMBARRIER: u8 = 1;
-const READ_SIDE_FENCES: u8 = 2;
+/// The low bits of `Hot::key`: the resolved read side (never 0, so a
+/// resolved key is never 0).
+const READ_SIDE_BITS: u64 = 0b11;
+const READ_SIDE_MEMBARRIER: u64 = 1;
+const READ_SIDE_FENCES: u64 = 2;
 
 #[derive(Debug, Default)]
 struct GraceState {
@@ -171,12 +170,7 @@ impl Srcu {
         Srcu {
             hot: CachePadded::new(Hot {
                 index: AtomicUsize::new(0),
-                id: AtomicU64::new(0),
-                read_side: AtomicU8::new(match fixed_read_side {
-                    None => READ_SIDE_UNRESOLVED,
-                    Some(ReadSide::Membarrier) => READ_SIDE_MEMBARRIER,
-                    Some(ReadSide::Fences) => READ_SIDE_FENCES,
-                }),
+                key: AtomicU64::new(0),
             }),
             orphan: CachePadded::new(ReaderSlot::new(ORPHAN_OWNER)),
             readers: Mutex::new(Vec::new()),
@@ -195,8 +189,7 @@ impl Srcu {
         Srcu {
             hot: CachePadded::new(Hot {
                 index: AtomicUsize::new(0),
-                id: AtomicU64::new(0),
-                read_side: AtomicU8::new(READ_SIDE_FENCES),
+                key: AtomicU64::new(0),
             }),
             orphan: CachePadded::new(ReaderSlot::new(ORPHAN_OWNER)),
             readers: Mutex::new(Vec::new()),
@@ -209,25 +202,38 @@ impl Srcu {
     /// The read side this domain uses; fixed for the domain's whole life.
     #[inline(always)]
     pub fn read_side(&self) -> ReadSide {
-        // Relaxed: the value is a pure function of `fixed_read_side` and the
-        // process mode, which never changes once resolved; every thread that
-        // resolves it stores the same value, so any value read is final.
-        match self.hot.read_side.load(Ordering::Relaxed) {
-            READ_SIDE_MEMBARRIER => ReadSide::Membarrier,
-            READ_SIDE_FENCES => ReadSide::Fences,
-            _ => self.resolve_read_side(),
-        }
+        read_side_of(self.key())
     }
 
+    /// `Hot::key`, assigning it on the domain's first use.
+    #[inline(always)]
+    fn key(&self) -> u64 {
+        // Relaxed: the key is only compared and decoded, never used to
+        // reach memory; see `assign_key`.
+        let key = self.hot.key.load(Ordering::Relaxed);
+        if key != 0 { key } else { self.assign_key() }
+    }
+
+    /// Resolves the read side and draws an id. Relaxed suffices: the read
+    /// side is a pure function of `fixed_read_side` and the process mode,
+    /// which never changes once resolved, and every thread ends up with the
+    /// single key that won the exchange.
     #[cold]
-    fn resolve_read_side(&self) -> ReadSide {
-        let resolved = self.fixed_read_side.unwrap_or_else(ReadSide::of_process);
-        let encoded = match resolved {
+    fn assign_key(&self) -> u64 {
+        let read_side = match self.fixed_read_side.unwrap_or_else(ReadSide::of_process) {
             ReadSide::Membarrier => READ_SIDE_MEMBARRIER,
             ReadSide::Fences => READ_SIDE_FENCES,
         };
-        self.hot.read_side.store(encoded, Ordering::Relaxed);
-        resolved
+        let id = NEXT_DOMAIN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let fresh = id << 2 | read_side;
+        match self
+            .hot
+            .key
+            .compare_exchange(0, fresh, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => fresh,
+            Err(winner) => winner,
+        }
     }
 
     /// Enters a read section; it lasts until the guard drops.
@@ -238,8 +244,9 @@ impl Srcu {
     /// section deadlocks, as in the kernel.
     #[inline]
     pub fn read_lock(&self) -> SrcuReadGuard<'_> {
-        let read_side = self.read_side();
-        let (slot, owned) = match reader::cached_slot(self.id()) {
+        let key = self.key();
+        let read_side = read_side_of(key);
+        let (slot, owned) = match reader::cached_slot(key) {
             // SAFETY: the cache holds a slot of this domain's registry
             // (invariant 3 of `reader`): it lives as long as `self`.
             Some(slot) => (unsafe { &*slot }, true),
@@ -266,7 +273,7 @@ impl Srcu {
 
     #[cold]
     fn slot_slow(&self) -> (&ReaderSlot, bool) {
-        let found = reader::find_or_claim(self.id(), |marker| self.claim_slot(marker));
+        let found = reader::find_or_claim(self.key(), |marker| self.claim_slot(marker));
         match found {
             // SAFETY: `find_or_claim` returns a slot that this domain's
             // registry holds (it came from `claim_slot` now or earlier), so
@@ -286,28 +293,6 @@ impl Srcu {
         let slot = Arc::new(CachePadded::new(ReaderSlot::new(marker)));
         readers.push(slot.clone());
         slot
-    }
-
-    /// This domain's key in thread-local slot caches.
-    #[inline(always)]
-    fn id(&self) -> u64 {
-        let id = self.hot.id.load(Ordering::Relaxed);
-        if id != 0 { id } else { self.assign_id() }
-    }
-
-    #[cold]
-    fn assign_id(&self) -> u64 {
-        let fresh = NEXT_DOMAIN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Relaxed suffices: the id is only compared, never used to reach
-        // memory, and every thread ends up with the single winning value.
-        match self
-            .hot
-            .id
-            .compare_exchange(0, fresh, Ordering::Relaxed, Ordering::Relaxed)
-        {
-            Ok(_) => fresh,
-            Err(winner) => winner,
-        }
     }
 
     /// Waits until every read section that began before this call has ended.
@@ -381,6 +366,16 @@ impl Srcu {
             sum.wrapping_add(slot.locks(index))
         });
         locks == unlocks
+    }
+}
+
+/// The read side a resolved key carries.
+#[inline(always)]
+fn read_side_of(key: u64) -> ReadSide {
+    if key & READ_SIDE_BITS == READ_SIDE_FENCES {
+        ReadSide::Fences
+    } else {
+        ReadSide::Membarrier
     }
 }
 

@@ -10,7 +10,7 @@ pub(crate) use loom::{
     hint::spin_loop,
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
-        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering, fence},
+        atomic::{AtomicU64, AtomicUsize, Ordering, fence},
     },
     thread::yield_now,
 };
@@ -20,7 +20,7 @@ pub(crate) use std::{
     hint::spin_loop,
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
-        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering, fence},
+        atomic::{AtomicU64, AtomicUsize, Ordering, fence},
     },
     thread::yield_now,
 };
