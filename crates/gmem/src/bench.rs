@@ -237,16 +237,21 @@ fn allocate_one(
 /// `iterations` individual `freeze(true)` latencies while `faulting`
 /// threads call `get_folio` on the pages of a half-populated file in the
 /// fixed order (present ones are served, missing ones meet the freeze or
-/// are allocated); each iteration also unfreezes (untimed) and then lets the
-/// faulting threads run for 50 µs.
+/// are allocated); each iteration also unfreezes, punches the upper half
+/// empty again (both untimed) and lets the faulting threads run for 50 µs.
+/// The punch keeps the file half-populated: without it the threads fill it
+/// within a few dozen iterations and the rest time freezes over present-page
+/// lookups only, a much shorter grace period than over allocations.
 ///
-/// Errors: those of [`empty_file`] and of populating half of it.
+/// Errors: those of [`empty_file`], of populating half of it and of the
+/// punch.
 pub fn freeze_while_faulting(
     faulting: usize,
     iterations: u64,
 ) -> Result<Vec<Duration>, BenchError> {
     let file = empty_file()?;
-    file.fallocate(FallocMode::ALLOCATE, 0, (PAGES * PAGE / 2) as i64)?;
+    let half = (PAGES * PAGE / 2) as i64;
+    file.fallocate(FallocMode::ALLOCATE, 0, half)?;
     let stop = Arc::new(AtomicBool::new(false));
     let lookups = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..faulting)
@@ -263,11 +268,16 @@ pub fn freeze_while_faulting(
         })
         .collect();
     let mut latencies = Vec::with_capacity(iterations as usize);
+    let mut punched = Ok(());
     for _ in 0..iterations {
         let start = Instant::now();
         file.freeze(true);
         latencies.push(start.elapsed());
         file.freeze(false);
+        punched = file.fallocate(FallocMode::PUNCH, half, half);
+        if punched.is_err() {
+            break;
+        }
         std::thread::sleep(Duration::from_micros(50));
     }
     stop.store(true, Ordering::Relaxed);
@@ -276,6 +286,7 @@ pub fn freeze_while_faulting(
             std::panic::resume_unwind(panic);
         }
     }
+    punched?;
     Ok(latencies)
 }
 
