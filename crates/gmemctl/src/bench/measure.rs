@@ -115,11 +115,19 @@ impl Plan {
         }
     }
 
+    /// Faulting threads of the freeze-latency figures: none, one (a CPU
+    /// left for the freezer), and N (the freezer an extra thread).
+    pub fn freeze_thread_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0, 1, self.threads];
+        counts.dedup();
+        counts
+    }
+
     /// Progress steps of the whole run.
     pub fn steps(&self) -> usize {
         let read = self.rounds * srcu::bench::CONTENDERS.len() * self.thread_counts.len();
         let synchronize = 4;
-        let gmem = self.rounds * 2 * 5 + 2;
+        let gmem = self.rounds * 2 * 5 + self.freeze_thread_counts().len();
         let first_touch = self.rounds * 4;
         let memory = 2;
         let handover = 2 * self.guest_sizes.len() * self.handover_runs * (1 + Transport::ALL.len());
@@ -381,7 +389,7 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
             Some(format!("gmem.fault.unchecked.{suffix}")),
         );
     }
-    for faulting in [0, plan.threads] {
+    for faulting in plan.freeze_thread_counts() {
         collector.progress.step(&format!(
             "gmem freeze(true) latency with {faulting} threads faulting, {} freezes",
             plan.freezes
@@ -400,10 +408,16 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
                 None,
             );
         } else {
-            collector.series.freeze_faulting_us = latencies.clone();
+            if faulting == plan.threads {
+                collector.series.freeze_faulting_us = latencies.clone();
+            }
             collector.latency(
                 format!("gmem.freeze.faulting_{faulting}t"),
-                format!("freeze(true) latency while {faulting} threads fault"),
+                format!(
+                    "freeze(true) latency while {faulting} thread{} fault{}",
+                    if faulting == 1 { "" } else { "s" },
+                    if faulting == 1 { "s" } else { "" }
+                ),
                 Unit::Us,
                 latencies,
                 Some("gmem.freeze.idle".to_owned()),
