@@ -8,7 +8,7 @@
 //! checked.
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use liveupdate::handlers::memfd::{self, MemfdData, MemfdFile};
@@ -264,8 +264,14 @@ fn preserve_duplicate_token_is_eexist_before_the_fd_is_looked_at() {
 fn preserve_bad_fd_is_ebadf() {
     let fixture = fixture();
     let session = fixture.live_update.create_session("s").unwrap();
-    let closed = memfd("closed", b"").as_raw_fd();
-    assert_eq!(errno(session.preserve_fd(Token(1), closed)), libc::EBADF);
+    // Not a just-closed fd: the test threads of this binary run at once, and
+    // another one may be handed that number before the call. No fd can be
+    // open at a number past the process's fd limit.
+    let never_open = i32::MAX;
+    assert_eq!(
+        errno(session.preserve_fd(Token(1), never_open)),
+        libc::EBADF
+    );
     assert_eq!(errno(session.preserve_fd(Token(1), -1)), libc::EBADF);
     assert!(session.tokens().is_empty());
 }
