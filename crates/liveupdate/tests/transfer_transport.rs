@@ -7,21 +7,30 @@ mod common;
 
 use common::{Process, Scratch, guest_arguments, small_guest_arguments};
 
-fn arguments<'a>(role: &'a str, socket: &'a str, guest: &'a [String]) -> Vec<&'a str> {
+/// A scratch directory and the path of the old VMM's socket in it.
+fn scratch_with_socket(name: &str) -> (Scratch, String) {
+    let scratch = Scratch::new(name);
+    let socket = scratch.join("vmm.sock");
+    let socket = socket.to_str().expect("a UTF-8 scratch path").to_owned();
+    (scratch, socket)
+}
+
+/// Starts the peer binary in `role` on `socket` with the guest's arguments
+/// and `flags`.
+fn peer(role: &str, socket: &str, guest: &[String], flags: &[&str]) -> Process {
     let mut all = vec![role, "--socket", socket];
     all.extend(guest.iter().map(String::as_str));
-    all
+    all.extend_from_slice(flags);
+    Process::peer(&all)
 }
 
 #[test]
 fn transfer_round_trip_with_a_pre_started_successor() {
-    let scratch = Scratch::new("transfer");
-    let socket = scratch.join("vmm.sock");
-    let socket = socket.to_str().unwrap();
+    let (_scratch, socket) = scratch_with_socket("transfer");
     let guest = guest_arguments(42);
     // The successor starts first and waits for the old VMM's socket.
-    let mut successor = Process::peer(&arguments("transfer-new", socket, &guest));
-    let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
+    let mut successor = peer("transfer-new", &socket, &guest, &[]);
+    let mut old = peer("transfer-old", &socket, &guest, &[]);
     old.expect("OFFERED");
     successor.expect("READY");
     // The old process rewrote memory and state after the offer; the switch
@@ -43,15 +52,11 @@ fn transfer_round_trip_with_a_pre_started_successor() {
 
 #[test]
 fn a_successor_dying_before_the_switch_leaves_the_old_process_running() {
-    let scratch = Scratch::new("transfer-death");
-    let socket = scratch.join("vmm.sock");
-    let socket = socket.to_str().unwrap();
+    let (_scratch, socket) = scratch_with_socket("transfer-death");
     let guest = small_guest_arguments(43);
-    let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
+    let mut old = peer("transfer-old", &socket, &guest, &[]);
     old.expect("LISTENING");
-    let mut all = arguments("transfer-new", socket, &guest);
-    all.push("--die-before-switch");
-    let mut successor = Process::peer(&all);
+    let mut successor = peer("transfer-new", &socket, &guest, &["--die-before-switch"]);
     successor.expect("READY");
     assert_eq!(successor.wait().code(), Some(17));
     old.send_line("switch");
@@ -67,12 +72,10 @@ fn a_successor_dying_before_the_switch_leaves_the_old_process_running() {
 
 #[test]
 fn the_old_process_dying_before_the_switch_stops_the_successor() {
-    let scratch = Scratch::new("transfer-old-death");
-    let socket = scratch.join("vmm.sock");
-    let socket = socket.to_str().unwrap();
+    let (_scratch, socket) = scratch_with_socket("transfer-old-death");
     let guest = small_guest_arguments(44);
-    let mut successor = Process::peer(&arguments("transfer-new", socket, &guest));
-    let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
+    let mut successor = peer("transfer-new", &socket, &guest, &[]);
+    let mut old = peer("transfer-old", &socket, &guest, &[]);
     old.expect("OFFERED");
     successor.expect("READY");
     old.child.kill().unwrap(); // SIGKILL, before any switch
@@ -84,14 +87,10 @@ fn the_old_process_dying_before_the_switch_stops_the_successor() {
 
 #[test]
 fn a_successor_that_built_the_memory_object_ahead_gets_it_brought_up_to_date() {
-    let scratch = Scratch::new("transfer-ahead");
-    let socket = scratch.join("vmm.sock");
-    let socket = socket.to_str().unwrap();
+    let (_scratch, socket) = scratch_with_socket("transfer-ahead");
     let guest = small_guest_arguments(45);
-    let mut all = arguments("transfer-new", socket, &guest);
-    all.push("--build-ahead");
-    let mut successor = Process::peer(&all);
-    let mut old = Process::peer(&arguments("transfer-old", socket, &guest));
+    let mut successor = peer("transfer-new", &socket, &guest, &["--build-ahead"]);
+    let mut old = peer("transfer-old", &socket, &guest, &[]);
     old.expect("OFFERED");
     successor.expect("READY");
     // The old process faults in a page after the offer: the successor's
@@ -107,19 +106,13 @@ fn a_successor_that_built_the_memory_object_ahead_gets_it_brought_up_to_date() {
 
 #[test]
 fn a_successor_whose_retrieve_fails_at_the_switch_leaves_the_old_process_running() {
-    let scratch = Scratch::new("transfer-retrieve-fails");
-    let socket = scratch.join("vmm.sock");
-    let socket = socket.to_str().unwrap();
+    let (_scratch, socket) = scratch_with_socket("transfer-retrieve-fails");
     let guest = small_guest_arguments(46);
-    let mut all = arguments("transfer-new", socket, &guest);
-    all.push("--build-ahead");
-    let mut successor = Process::peer(&all);
+    let mut successor = peer("transfer-new", &socket, &guest, &["--build-ahead"]);
     // Between offer and switch the old process also frees a page the offer
     // listed: the successor's object built ahead cannot match the final
     // record, so its retrieve fails, before it answers the switch.
-    let mut old_arguments = arguments("transfer-old", socket, &guest);
-    old_arguments.push("--punch-after-offer");
-    let mut old = Process::peer(&old_arguments);
+    let mut old = peer("transfer-old", &socket, &guest, &["--punch-after-offer"]);
     old.expect("OFFERED");
     successor.expect("READY");
     old.send_line("switch");
