@@ -39,9 +39,8 @@
 //!   this nested KVM, and four of them made the median `synchronize` with
 //!   two busy readers about 60 µs; with two it measures 31 to 34 µs
 //!   (`cargo run --release -p srcu --example compare`). Every writer
-//!   barrier that remains pairs
-//!   with the readers and is a membarrier under that read side, never a
-//!   plain fence (see `barrier`). The loom models pass without E and D at
+//!   barrier that remains pairs with the readers and is a membarrier under
+//!   that read side, never a plain fence (see `barrier`). The loom models pass without E and D at
 //!   preemption bound 5 and fail when A, B, C or either drain is removed.
 //!   Progress stays bounded: after the first check's A every reader's next
 //!   lock sees the flip, so each thread can add at most one late section to
