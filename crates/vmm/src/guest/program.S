@@ -20,8 +20,11 @@
 #   1. reads the TSC; the time since the previous iteration is the "gap";
 #      the largest gap is kept, a gap above the host's threshold is
 #      reported at once (channel GAP), and if the host armed the gap probe
-#      (while the vCPU was stopped) this gap is stored in PROBED_GAP and the
-#      probe disarmed: that is the gap the guest saw across a live update;
+#      (while the vCPU was stopped) the gap that spans the stop is stored in
+#      PROBED_GAP and the probe disarmed: that is the gap the guest saw
+#      across a live update (the stop may fall between the TSC read and the
+#      probe check, so the check takes the larger of this gap and a fresh
+#      read less this iteration's TSC);
 #   2. writes the next page of its partition in full: q[0] = the page's
 #      address, q[1] = its sequence number (generation * count + index + 1),
 #      q[2..511] = seq * golden + k, q[511] = the sum of q[0..511]. Pages are
@@ -126,8 +129,20 @@ main_loop:
         mov     [rbx + CB_MAX_GAP], rcx
 1:      cmp     qword ptr [rbx + CB_GAP_PROBE], 0
         je      1f
-        mov     [rbx + CB_PROBED_GAP], rcx
+        # Armed while this vCPU was stopped. The stop came either before
+        # this iteration's TSC read (then rcx spans it) or after it (then
+        # rcx is the ordinary gap before the stop, and only a fresh read
+        # less r8 spans it): the larger of the two is the gap across it.
+        push    rax
+        push    rcx
+        call    read_tsc
+        sub     rax, r8
+        pop     rcx
+        cmp     rax, rcx
+        cmovb   rax, rcx
+        mov     [rbx + CB_PROBED_GAP], rax
         mov     qword ptr [rbx + CB_GAP_PROBE], 0
+        pop     rax
 1:      cmp     rcx, [rbx + CB_GAP_THRESHOLD]
         jbe     2f
         mov     [rbx + CB_BIG_GAP], rcx
