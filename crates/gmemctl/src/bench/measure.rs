@@ -391,7 +391,8 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
     }
     for faulting in plan.freeze_thread_counts() {
         collector.progress.step(&format!(
-            "gmem freeze(true) latency with {faulting} threads faulting, {} freezes",
+            "gmem freeze(true) latency with {} faulting, {} freezes",
+            thread_label(faulting),
             plan.freezes
         ));
         let latencies: Vec<f64> = gmem::bench::freeze_while_faulting(faulting, plan.freezes)?
@@ -414,9 +415,8 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
             collector.latency(
                 format!("gmem.freeze.faulting_{faulting}t"),
                 format!(
-                    "freeze(true) latency while {faulting} thread{} fault{}",
-                    if faulting == 1 { "" } else { "s" },
-                    if faulting == 1 { "s" } else { "" }
+                    "freeze(true) latency with {} faulting",
+                    thread_label(faulting)
                 ),
                 Unit::Us,
                 latencies,
