@@ -1,5 +1,6 @@
 //! Criterion benchmark: one first touch through the fault service, a plain
-//! first touch of a memfd mapping, and fallocate of one page, as
+//! first touch of a memfd mapping, fallocate of one page, and the floor of
+//! userfaultfd (the toucher serving its own fault), as
 //! `fault_service::bench` (feature `bench`) measures them. The table:
 //! `cargo run --release -p fault-service --example fault_table`; the same
 //! figures also appear in `gmemctl bench`.
@@ -18,6 +19,7 @@ fn first_touch(criterion: &mut Criterion) {
         FirstTouch::ThroughServiceOnOneCpu,
         FirstTouch::Plain,
         FirstTouch::Fallocate,
+        FirstTouch::InThreadFloor,
     ] {
         group.bench_function(format!("{kind:?}"), |bencher| {
             bencher.iter_custom(|iterations| {

@@ -1,4 +1,4 @@
-//! Prints the fault-service cost table (markdown), the four rows measured
+//! Prints the fault-service cost table (markdown), the five rows measured
 //! side by side in each of 11 rounds (median and min–max over rounds):
 //! `cargo run --release -p fault-service --example fault_table`.
 //! The measurement is `fault_service::bench` (feature `bench`), shared with
@@ -22,10 +22,11 @@ fn main() {
             per_touch(FirstTouch::ThroughServiceOnOneCpu),
             per_touch(FirstTouch::Plain),
             per_touch(FirstTouch::Fallocate),
+            per_touch(FirstTouch::InThreadFloor),
         ));
     }
     let column =
-        |pick: fn(&(f64, f64, f64, f64)) -> f64| rounds.iter().map(pick).collect::<Vec<f64>>();
+        |pick: fn(&(f64, f64, f64, f64, f64)) -> f64| rounds.iter().map(pick).collect::<Vec<f64>>();
     println!("| first touch of a 4 KiB page | µs per page | vs plain first touch | target |");
     println!("| --- | --- | --- | --- |");
     println!(
@@ -37,6 +38,11 @@ fn main() {
         "| the same, toucher and handler on one CPU | {} | {} | <= 1.5x |",
         spread(column(|round| round.1), ""),
         spread(column(|round| round.1 / round.2), "x")
+    );
+    println!(
+        "| floor of userfaultfd: the toucher serves its own fault (SIGBUS mode: get_folio + MADV_POPULATE_WRITE in its handler) | {} | {} | |",
+        spread(column(|round| round.4), ""),
+        spread(column(|round| round.4 / round.2), "x")
     );
     println!(
         "| plain first touch of a memfd mapping | {} | 1.00x | |",

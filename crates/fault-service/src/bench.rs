@@ -21,15 +21,29 @@
 //! toucher and the handler to one CPU, so each wake-up is a context switch
 //! on that CPU: that is the mechanism's own cost, and what a busy host with
 //! no idle CPUs pays.
+//!
+//! A fifth row, [`FirstTouch::InThreadFloor`], is not a way to run the
+//! service but the floor under any userfaultfd design: the mapping is
+//! registered on a SIGBUS-mode userfaultfd, so a first touch raises SIGBUS
+//! in the toucher itself, whose handler calls `get_folio` and maps the page
+//! (MADV_POPULATE_WRITE) before the access retries. No thread waits, none is
+//! woken, nothing is read from the userfaultfd: what is left is the fault,
+//! the signal's delivery and return, and the allocation. It is measured
+//! only so the service's rows can be read against what userfaultfd can
+//! possibly cost here (vCPU faults cannot take this route, see
+//! `Userfaultfd::open_sigbus`).
 
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use gmem::{Backend, FallocMode, GmemError, GmemFlags, GuestMemFile};
+use gmem::{Backend, FallocMode, GmemError, GmemFlags, GuestMemFile, PageIndex};
 use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
 
+use crate::uffd::Userfaultfd;
 use crate::{FaultService, FaultServiceError};
 
 /// Pages per file: 64 MiB.
@@ -54,6 +68,24 @@ pub enum BenchError {
         /// The kernel's error.
         errno: Errno,
     },
+    /// The in-thread floor could not be set up (EPERM without the
+    /// userfaultfd privilege, EOPNOTSUPP without UFFD_FEATURE_SIGBUS).
+    #[error("in-thread floor: {operation} failed: {errno}")]
+    InThread {
+        /// The call and what it was for.
+        operation: &'static str,
+        /// The kernel's error.
+        errno: Errno,
+    },
+    /// After a batch of first touches the gmem file did not hold exactly the
+    /// touched pages: some touch was not served through `get_folio`.
+    #[error("{touched} pages touched, but the file records {recorded}")]
+    Unrecorded {
+        /// Pages touched in the batch.
+        touched: u64,
+        /// Folios the file's page-state index held afterwards.
+        recorded: u64,
+    },
 }
 
 fn kernel(operation: &'static str) -> impl FnOnce(Errno) -> BenchError {
@@ -73,6 +105,24 @@ pub enum FirstTouch {
     Plain,
     /// `fallocate(KEEP_SIZE)` of the page on a plain memfd, no touch.
     Fallocate,
+    /// A store to a page of a gmem file registered on a SIGBUS-mode
+    /// userfaultfd: the toucher serves its own fault in a signal handler
+    /// (`get_folio`, then MADV_POPULATE_WRITE). The floor of userfaultfd,
+    /// not a service mode; see the module documentation.
+    InThreadFloor,
+}
+
+impl FirstTouch {
+    /// Whether the kind touches the gmem file (and must leave exactly the
+    /// touched pages recorded in it).
+    fn touches_gmem_file(self) -> bool {
+        match self {
+            FirstTouch::ThroughService
+            | FirstTouch::ThroughServiceOnOneCpu
+            | FirstTouch::InThreadFloor => true,
+            FirstTouch::Plain | FirstTouch::Fallocate => false,
+        }
+    }
 }
 
 /// A plain memfd of [`PAGES`] pages and its shared mapping, unmapped on drop.
@@ -139,6 +189,160 @@ impl Drop for PinnedToThisCpu {
     }
 }
 
+/// What the in-thread floor's SIGBUS handler serves: one gmem file's
+/// mapping. Published in [`IN_THREAD_TARGET`] while a run is on.
+struct InThreadTarget {
+    file: Arc<GuestMemFile>,
+    base: usize,
+    len: usize,
+}
+
+/// The target of [`serve_own_fault`]; null while no in-thread run is on.
+static IN_THREAD_TARGET: AtomicPtr<InThreadTarget> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Handlers between their load of [`IN_THREAD_TARGET`] and their last use
+/// of it, so that a run's teardown frees the target only after them.
+static IN_THREAD_HANDLERS: AtomicUsize = AtomicUsize::new(0);
+
+/// One in-thread run at a time per process (the handler is process-wide).
+static IN_THREAD_RUN: Mutex<()> = Mutex::new(());
+
+/// An in-thread floor run: the file's mapping registered on a SIGBUS-mode
+/// userfaultfd and [`serve_own_fault`] installed for SIGBUS. Drop puts the
+/// former SIGBUS action back, then unregisters the mapping.
+struct InThreadFloor {
+    former: libc::sigaction,
+    target: *mut InThreadTarget,
+    // Closing it unregisters the mapping; after `former` is back.
+    _userfaultfd: Userfaultfd,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl InThreadFloor {
+    fn start(file: &Arc<GuestMemFile>, base: *mut u8) -> Result<InThreadFloor, BenchError> {
+        let serial = IN_THREAD_RUN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let in_thread = |operation| move |errno| BenchError::InThread { operation, errno };
+        let userfaultfd =
+            Userfaultfd::open_sigbus().map_err(in_thread("open a SIGBUS-mode userfaultfd"))?;
+        let len = PAGES * PAGE;
+        userfaultfd
+            .register(base as u64, len)
+            .map_err(in_thread("register the file's mapping"))?;
+        let target = Box::into_raw(Box::new(InThreadTarget {
+            file: file.clone(),
+            base: base as usize,
+            len: len as usize,
+        }));
+        // SeqCst: pairs with the handler's SeqCst load (see `serve_own_fault`).
+        IN_THREAD_TARGET.store(target, Ordering::SeqCst);
+        // SAFETY: an all-zero sigaction is a valid value (empty mask, no
+        // flags) that the fields below complete.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = serve_own_fault as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: as above; sigaction overwrites it with the former action.
+        let mut former: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are to live sigaction values; the handler
+        // is an `extern "C"` function of the SA_SIGINFO signature.
+        if unsafe { libc::sigaction(libc::SIGBUS, &action, &mut former) } != 0 {
+            // SeqCst: as above. No handler is installed, so none holds it.
+            IN_THREAD_TARGET.store(std::ptr::null_mut(), Ordering::SeqCst);
+            // SAFETY: `target` came from Box::into_raw above, is unpublished
+            // again and no handler ran with it; take it back.
+            drop(unsafe { Box::from_raw(target) });
+            return Err(BenchError::InThread {
+                operation: "install the SIGBUS handler",
+                errno: Errno::from_io_error(&std::io::Error::last_os_error())
+                    .unwrap_or(Errno::INVAL),
+            });
+        }
+        Ok(InThreadFloor {
+            former,
+            target,
+            _userfaultfd: userfaultfd,
+            _serial: serial,
+        })
+    }
+}
+
+impl Drop for InThreadFloor {
+    fn drop(&mut self) {
+        // SAFETY: `former` is the action sigaction returned in `start`.
+        unsafe { libc::sigaction(libc::SIGBUS, &self.former, std::ptr::null_mut()) };
+        // SeqCst with the handler's SeqCst increment and load: a handler
+        // that loaded the old pointer incremented first, so it is counted
+        // below until it is done with the target.
+        IN_THREAD_TARGET.store(std::ptr::null_mut(), Ordering::SeqCst);
+        while IN_THREAD_HANDLERS.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        // SAFETY: `target` came from Box::into_raw in `start`; the pointer
+        // is unpublished and no handler still uses it (waited above).
+        drop(unsafe { Box::from_raw(self.target) });
+    }
+}
+
+/// The in-thread floor's SIGBUS handler: serves a fault in the target's
+/// mapping through `get_folio` and maps the page, so the access succeeds
+/// when it retries. Any other SIGBUS (another address, or an allocation
+/// that fails) puts the default action back, so the retried access dies of
+/// it as it would have without this handler.
+///
+/// Signal safety: `get_folio` may allocate (an SRCU reader slot on a
+/// thread's first read section, an error message). That is safe here only
+/// because the interrupted code is `first_touch`'s store loop, never inside
+/// the allocator: which is why this is a benchmark, not a service mode.
+extern "C" fn serve_own_fault(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    // SAFETY: installed with SA_SIGINFO, so the kernel passes a valid siginfo.
+    let address = unsafe { (*info).si_addr() } as usize;
+    // SeqCst: pairs with the teardown's SeqCst store and load (see Drop).
+    IN_THREAD_HANDLERS.fetch_add(1, Ordering::SeqCst);
+    let target = IN_THREAD_TARGET.load(Ordering::SeqCst);
+    // SAFETY: a non-null target stays allocated until the teardown has seen
+    // this handler's decrement below.
+    let served = unsafe { target.as_ref() }.is_some_and(|target| serve(target, address));
+    // Release: the handler's reads of the target happen before the
+    // teardown's SeqCst load that sees this decrement.
+    IN_THREAD_HANDLERS.fetch_sub(1, Ordering::Release);
+    if !served {
+        // SAFETY: signal(2) is async-signal-safe; SIG_DFL is a valid action.
+        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    }
+}
+
+fn serve(target: &InThreadTarget, address: usize) -> bool {
+    let Some(offset) = address.checked_sub(target.base) else {
+        return false;
+    };
+    if offset >= target.len {
+        return false;
+    }
+    let page = offset as u64 / PAGE;
+    if target.file.get_folio(PageIndex(page)).is_err() {
+        return false;
+    }
+    // Map the page now: otherwise the retried access faults once more to
+    // map it (about 1.3 µs on the project machine, a third of the floor).
+    // A failure leaves that to the retry.
+    let page_start = (target.base + (page * PAGE) as usize) as *mut libc::c_void;
+    // SAFETY: MADV_POPULATE_WRITE on one page of the live, registered
+    // mapping only faults the page (now present) into the page tables.
+    let _ = unsafe {
+        rustix::mm::madvise(
+            page_start,
+            PAGE as usize,
+            rustix::mm::Advice::LinuxPopulateWrite,
+        )
+    };
+    true
+}
+
 /// Times `iterations` first touches of `kind`; returns the total.
 ///
 /// Errors: those of creating, mapping and punching the files (ENOMEM), and
@@ -154,14 +358,18 @@ pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchE
         FirstTouch::ThroughService | FirstTouch::ThroughServiceOnOneCpu => {
             Some(FaultService::start([file.clone()])?)
         }
-        FirstTouch::Plain | FirstTouch::Fallocate => None,
+        FirstTouch::Plain | FirstTouch::Fallocate | FirstTouch::InThreadFloor => None,
     };
     let plain = PlainMemfd::new()?;
-    let base = match kind {
-        FirstTouch::ThroughService | FirstTouch::ThroughServiceOnOneCpu => {
-            file.mapping()?.host_address().as_ptr()
-        }
-        FirstTouch::Plain | FirstTouch::Fallocate => plain.base.as_ptr(),
+    let base = if kind.touches_gmem_file() {
+        file.mapping()?.host_address().as_ptr()
+    } else {
+        plain.base.as_ptr()
+    };
+    // Dropped (handler and userfaultfd gone) before the file is.
+    let _in_thread = match kind {
+        FirstTouch::InThreadFloor => Some(InThreadFloor::start(&file, base)?),
+        _ => None,
     };
     let mut elapsed = Duration::ZERO;
     let mut done = 0;
@@ -172,6 +380,7 @@ pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchE
             match kind {
                 FirstTouch::ThroughService
                 | FirstTouch::ThroughServiceOnOneCpu
+                | FirstTouch::InThreadFloor
                 | FirstTouch::Plain => {
                     // SAFETY: page < PAGES, so the byte is inside the
                     // PAGES-page mapping; a plain volatile store.
@@ -185,6 +394,12 @@ pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchE
         }
         elapsed += start.elapsed();
         done += batch;
+        if kind.touches_gmem_file() && file.populated_count() != batch {
+            return Err(BenchError::Unrecorded {
+                touched: batch,
+                recorded: file.populated_count(),
+            });
+        }
         // Untimed: empty both files again.
         file.fallocate(FallocMode::PUNCH, 0, (PAGES * PAGE) as i64)?;
         let punch = FallocateFlags::KEEP_SIZE | FallocateFlags::PUNCH_HOLE;
@@ -208,6 +423,7 @@ mod tests {
             FirstTouch::ThroughServiceOnOneCpu,
             FirstTouch::Plain,
             FirstTouch::Fallocate,
+            FirstTouch::InThreadFloor,
         ] {
             let affinity = rustix::thread::sched_getaffinity(None).expect("affinity");
             match first_touch(kind, 64) {
@@ -218,6 +434,9 @@ mod tests {
                 }
                 Err(BenchError::Service(error)) => {
                     eprintln!("SKIPPED: {kind:?}: the fault service cannot start here: {error}");
+                }
+                Err(error @ BenchError::InThread { .. }) => {
+                    eprintln!("SKIPPED: {kind:?}: {error}");
                 }
                 Err(error) => panic!("{kind:?}: {error}"),
             }

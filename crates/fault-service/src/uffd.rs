@@ -6,7 +6,8 @@
 //! machines lack it.
 //!
 //! What it supports: MISSING-mode registration of shared file mappings
-//! (shmem, hugetlbfs), reading page-fault messages, UFFDIO_WAKE. No
+//! (shmem, hugetlbfs), reading page-fault messages, UFFDIO_WAKE, and a
+//! SIGBUS-mode fd ([`Userfaultfd::open_sigbus`]) for the benchmark. No
 //! non-cooperative events are requested (fork, remap, remove, unmap): after a
 //! fork the child's copy of a registered range is not registered (the kernel
 //! drops the context without UFFD_FEATURE_EVENT_FORK), and an mremap()ed or
@@ -16,7 +17,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use linux_raw_sys::general::{
-    _UFFDIO_WAKE, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
+    _UFFDIO_WAKE, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID,
     UFFD_PAGEFAULT_FLAG_WRITE, UFFDIO_REGISTER_MODE_MISSING, uffd_msg, uffdio_api, uffdio_range,
     uffdio_register,
 };
@@ -54,48 +55,48 @@ impl Userfaultfd {
     /// lacks CAP_SYS_PTRACE; ENOSYS without the syscall; EINVAL from
     /// UFFDIO_API.
     pub fn open() -> Result<Userfaultfd, Errno> {
-        use rustix::mm::UserfaultfdFlags;
-        // SAFETY: userfaultfd(2) only creates a new fd; the unsafety in rustix
-        // is that the fd can later block page faults, which is our purpose.
-        let fd = unsafe {
-            rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK)
-        }?;
-        let mut api = uffdio_api {
-            api: UFFD_API.into(),
-            features: UFFD_FEATURE_THREAD_ID.into(),
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which `api`
-        // is, on a userfaultfd.
-        let negotiated = unsafe {
-            rustix::ioctl::ioctl(&fd, Updater::<{ UFFDIO_API as Opcode }, _>::new(&mut api))
-        };
-        let reports_thread = match negotiated {
-            Ok(_) => api.features & u64::from(UFFD_FEATURE_THREAD_ID) != 0,
+        let fd = new_fd()?;
+        match negotiate(&fd, UFFD_FEATURE_THREAD_ID) {
+            Ok(features) => Ok(Userfaultfd {
+                fd,
+                reports_thread: features & u64::from(UFFD_FEATURE_THREAD_ID) != 0,
+            }),
             Err(Errno::INVAL) => {
                 // The feature is unknown to this kernel: a fresh fd, no
                 // features (UFFDIO_API may be issued once per fd).
-                // SAFETY: as above.
-                let fd = unsafe {
-                    rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK)
-                }?;
-                let mut api = uffdio_api {
-                    api: UFFD_API.into(),
-                    features: 0,
-                    ioctls: 0,
-                };
-                // SAFETY: as above.
-                unsafe {
-                    rustix::ioctl::ioctl(&fd, Updater::<{ UFFDIO_API as Opcode }, _>::new(&mut api))
-                }?;
-                return Ok(Userfaultfd {
+                let fd = new_fd()?;
+                negotiate(&fd, 0)?;
+                Ok(Userfaultfd {
                     fd,
                     reports_thread: false,
-                });
+                })
             }
-            Err(errno) => return Err(errno),
-        };
-        Ok(Userfaultfd { fd, reports_thread })
+            Err(errno) => Err(errno),
+        }
+    }
+
+    /// Opens a userfaultfd in SIGBUS mode (UFFD_FEATURE_SIGBUS): a fault in a
+    /// range registered on it does not wait for a reader, it raises SIGBUS
+    /// in the faulting thread. Nothing is ever read from it. The fault
+    /// service does not use it (a vCPU's fault in such a range becomes an
+    /// MMIO exit on the project machine's KVM, see DESIGN); the benchmark's
+    /// in-thread floor does (`bench`, feature `bench`).
+    ///
+    /// Errors: as [`Userfaultfd::open`]; EOPNOTSUPP where the kernel lacks
+    /// the feature.
+    pub fn open_sigbus() -> Result<Userfaultfd, Errno> {
+        let fd = new_fd()?;
+        let features = negotiate(&fd, UFFD_FEATURE_SIGBUS).map_err(|errno| match errno {
+            Errno::INVAL => Errno::NOTSUP,
+            errno => errno,
+        })?;
+        if features & u64::from(UFFD_FEATURE_SIGBUS) == 0 {
+            return Err(Errno::NOTSUP);
+        }
+        Ok(Userfaultfd {
+            fd,
+            reports_thread: false,
+        })
     }
 
     /// Registers `[start, start + len)` in MISSING mode and checks that
@@ -186,6 +187,31 @@ impl Userfaultfd {
         }
         Ok(())
     }
+}
+
+/// A new userfaultfd (O_CLOEXEC | O_NONBLOCK), API not yet negotiated.
+fn new_fd() -> Result<OwnedFd, Errno> {
+    use rustix::mm::UserfaultfdFlags;
+    // SAFETY: userfaultfd(2) only creates a new fd; the unsafety in rustix is
+    // that the fd can later block page faults, which is our purpose.
+    unsafe { rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK) }
+}
+
+/// Negotiates the API on a fresh userfaultfd, asking for `features`;
+/// returns the features the kernel granted.
+///
+/// Errors: EINVAL when the kernel does not know a requested feature (the
+/// fd is then unusable: UFFDIO_API may be issued once per fd).
+fn negotiate(fd: &OwnedFd, features: u32) -> Result<u64, Errno> {
+    let mut api = uffdio_api {
+        api: UFFD_API.into(),
+        features: features.into(),
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which `api` is,
+    // on a userfaultfd.
+    unsafe { rustix::ioctl::ioctl(fd, Updater::<{ UFFDIO_API as Opcode }, _>::new(&mut api)) }?;
+    Ok(api.features)
 }
 
 impl AsFd for Userfaultfd {

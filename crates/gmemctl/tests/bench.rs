@@ -115,7 +115,13 @@ fn expected_figures(threads: usize, sizes: &[u64]) -> Vec<(String, bool)> {
     expected.push(("gmem.freeze.idle".to_owned(), true));
     expected.push(("gmem.freeze.faulting_1t".to_owned(), true));
     expected.push((format!("gmem.freeze.faulting_{threads}t"), true));
-    for kind in ["service", "service_one_cpu", "plain", "fallocate"] {
+    for kind in [
+        "service",
+        "service_one_cpu",
+        "plain",
+        "fallocate",
+        "in_thread_floor",
+    ] {
         expected.push((format!("fault.first_touch.{kind}"), false));
     }
     for backend in ["memfd", "hugetlb"] {

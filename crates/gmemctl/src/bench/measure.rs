@@ -128,7 +128,7 @@ impl Plan {
         let read = self.rounds * srcu::bench::CONTENDERS.len() * self.thread_counts.len();
         let synchronize = 4;
         let gmem = self.rounds * 2 * 5 + self.freeze_thread_counts().len();
-        let first_touch = self.rounds * 4;
+        let first_touch = self.rounds * 5;
         let memory = 2;
         let handover = 2 * self.guest_sizes.len() * self.handover_runs * (1 + Transport::ALL.len());
         read + synchronize + gmem + first_touch + memory + handover
@@ -437,8 +437,10 @@ pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Re
         (FirstTouch::ThroughServiceOnOneCpu, "service_one_cpu"),
         (FirstTouch::Plain, "plain"),
         (FirstTouch::Fallocate, "fallocate"),
+        (FirstTouch::InThreadFloor, "in_thread_floor"),
     ];
-    let mut samples: [Vec<f64>; 4] = Default::default();
+    let mut samples: [Vec<f64>; 5] = Default::default();
+    let mut in_thread_skipped = None;
     for round in 0..plan.rounds {
         for (slot, (kind, _)) in kinds.iter().enumerate() {
             collector.progress.step(&format!(
@@ -459,11 +461,14 @@ pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Re
                     );
                     return Ok(());
                 }
+                Err(error @ BenchError::InThread { .. }) => {
+                    in_thread_skipped = Some(error.to_string());
+                }
                 Err(error) => return Err(error).context("first touch"),
             }
         }
     }
-    let [service, service_one_cpu, plain, fallocate] = samples;
+    let [service, service_one_cpu, plain, fallocate, in_thread_floor] = samples;
     collector.figure(
         "fault.first_touch.service".to_owned(),
         "first touch of a 4 KiB page through the fault service (userfaultfd -> get_folio -> wake)"
@@ -493,6 +498,17 @@ pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Re
         fallocate,
         Some("fault.first_touch.plain".to_owned()),
     );
+    match in_thread_skipped {
+        Some(reason) => collector.skip("fault.first_touch.in_thread_floor".to_owned(), reason),
+        None => collector.figure(
+            "fault.first_touch.in_thread_floor".to_owned(),
+            "floor of userfaultfd: the toucher serves its own fault (SIGBUS mode, get_folio + MADV_POPULATE_WRITE in its handler), not a service mode"
+                .to_owned(),
+            Unit::Us,
+            in_thread_floor,
+            Some("fault.first_touch.plain".to_owned()),
+        ),
+    }
     Ok(())
 }
 
