@@ -3,7 +3,8 @@
 //! freezes and unfreezes in a loop. While frozen, neither the crate's index
 //! nor the kernel's own block count of the file (fstat st_blocks, which
 //! shmem keeps per allocated page and which no user-space counter can
-//! fake) may change. Bounded in time; millions of operations.
+//! fake) may change, and at every freeze the index must count exactly the
+//! kernel's pages. Bounded in time; millions of operations.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,6 +102,15 @@ fn nothing_is_allocated_or_punched_while_frozen() {
         file.freeze(true);
         freezes += 1;
         let (index_at_freeze, kernel_at_freeze) = (index_pages(&file), kernel_pages(&file));
+        // Frozen, nothing is in flight: the index must equal the kernel's
+        // set now, not only at the end (a fault and a punch that interleaved
+        // their kernel call and index update would show here).
+        if index_at_freeze.len() as u64 != kernel_at_freeze {
+            violations.push(format!(
+                "freeze {freezes}: index {} pages, kernel {kernel_at_freeze} pages",
+                index_at_freeze.len()
+            ));
+        }
         std::thread::sleep(Duration::from_micros(500));
         let (index_later, kernel_later) = (index_pages(&file), kernel_pages(&file));
         if index_later != index_at_freeze || kernel_later != kernel_at_freeze {
