@@ -23,6 +23,17 @@
 //! read with Acquire (pairs with that exchange), so a reader that finds a node
 //! finds it initialised.
 //!
+//! Punch hole (`clear_run`) is ordered with every concurrent `insert` below
+//! its range by read-modify-writes on common locations: it applies one to
+//! every word of the range in an existing leaf, present bits or not, and a
+//! compare-exchange of null with null to every null child slot over it;
+//! `insert` sets its bit, and installs missing nodes, with acquire-release
+//! read-modify-writes. Of two read-modify-writes of one location one reads
+//! the other's result, so either the insert comes first (and the punch
+//! clears its bit) or the punch does (and the inserter sees everything the
+//! punch did before `clear_run`). The fault path in `state` builds on this
+//! instead of a lock.
+//!
 //! Runs: the preservation layer describes a file by its runs of present
 //! folios and a successor rebuilds the index from them, both inside a live
 //! update's blackout, so both work a word (64 folios) at a time: a run walk
@@ -38,6 +49,8 @@
 //! no change can be in flight (the file is frozen: `freeze` waits for every
 //! allocation and punch to end); a change racing the read shows in a later
 //! read.
+
+use std::ops::Range;
 
 use crate::sync::{AtomicPtr, AtomicU64, Ordering};
 
@@ -189,11 +202,12 @@ impl PageStateIndex {
             Box::into_raw(new_interior()).cast()
         };
         // Release publishes the zeroed node; Acquire on failure pairs with the
-        // winner's Release so its node is seen initialised.
+        // winner's Release so its node is seen initialised, and on success
+        // with a punch's null-for-null exchange of this slot (`clear_run`).
         match slot.compare_exchange(
             std::ptr::null_mut(),
             fresh,
-            Ordering::Release,
+            Ordering::AcqRel,
             Ordering::Acquire,
         ) {
             Ok(_) => Some(fresh),
@@ -244,8 +258,9 @@ impl PageStateIndex {
             return false;
         };
         let (word, mask) = word_and_mask(folio % LEAF_BITS);
-        // Release pairs with the Acquire load in `contains`.
-        let inserted = words[word].fetch_or(mask, Ordering::Release) & mask == 0;
+        // Release pairs with the Acquire load in `contains`; Acquire with the
+        // AcqRel `fetch_and` of a punch's `clear_run` that came first.
+        let inserted = words[word].fetch_or(mask, Ordering::AcqRel) & mask == 0;
         if inserted {
             self.changed();
         }
@@ -322,22 +337,119 @@ impl PageStateIndex {
         total
     }
 
-    /// Marks `folio` absent. Returns whether it was present before.
-    pub(crate) fn remove(&self, folio: u64) -> bool {
-        if folio >= self.folios {
-            return false;
+    /// Clears the bits of folios `start..start + count` (clipped to the
+    /// file) for a punch hole, a word at a time, and returns every word it
+    /// changed with the bits it cleared there (for
+    /// [`PageStateIndex::restore_cleared`]). Touches every word of the range
+    /// in an existing leaf and every null child slot over it with a
+    /// read-modify-write, so that it is ordered with any concurrent
+    /// `insert` in the range (see the module documentation).
+    pub(crate) fn clear_run(&self, start: u64, count: u64) -> Vec<(&AtomicU64, u64)> {
+        let end = start.saturating_add(count).min(self.folios);
+        let mut cleared = Vec::new();
+        if start < end {
+            match &self.root {
+                Root::Flat(words) => Self::clear_words(words, 0, start..end, &mut cleared),
+                Root::Tree { height, node } => {
+                    Self::clear_below(node, *height, 0, start..end, &mut cleared)
+                }
+            }
         }
-        let Some(words) = self.words(folio, false) else {
-            return false;
-        };
-        let (word, mask) = word_and_mask(folio % LEAF_BITS);
-        // Release: a reader that sees the bit clear sees what preceded the
-        // clearing (pairs with the Acquire in `contains`).
-        let removed = words[word].fetch_and(!mask, Ordering::Release) & mask != 0;
-        if removed {
+        if !cleared.is_empty() {
             self.changed();
         }
-        removed
+        cleared
+    }
+
+    /// Sets again the bits a [`PageStateIndex::clear_run`] cleared (its
+    /// punch failed).
+    pub(crate) fn restore_cleared(&self, cleared: &[(&AtomicU64, u64)]) {
+        for (word, bits) in cleared {
+            // Release pairs with the Acquire load in `contains`.
+            word.fetch_or(*bits, Ordering::Release);
+        }
+        if !cleared.is_empty() {
+            self.changed();
+        }
+    }
+
+    /// `clear_run` within one bitmap whose bit 0 is folio `base`.
+    fn clear_words<'a>(
+        words: &'a [AtomicU64],
+        base: u64,
+        range: Range<u64>,
+        cleared: &mut Vec<(&'a AtomicU64, u64)>,
+    ) {
+        let limit = range.end.min(base + words.len() as u64 * 64);
+        let mut position = range.start.max(base);
+        while position < limit {
+            let word_index = (position - base) / 64;
+            let word_base = base + word_index * 64;
+            let word_end = limit.min(word_base + 64);
+            let mask = bits_between(position - word_base, word_end - word_base);
+            let Some(word) = words.get(word_index as usize) else {
+                return;
+            };
+            // AcqRel: ordered with `insert`'s AcqRel `fetch_or` of this word
+            // either way (see the module documentation).
+            let before = word.fetch_and(!mask, Ordering::AcqRel);
+            if before & mask != 0 {
+                cleared.push((word, before & mask));
+            }
+            position = word_end;
+        }
+    }
+
+    /// `clear_run` below `node` (at `level`, covering folios from `base`).
+    fn clear_below<'a>(
+        node: &'a Interior,
+        level: u32,
+        base: u64,
+        range: Range<u64>,
+        cleared: &mut Vec<(&'a AtomicU64, u64)>,
+    ) {
+        let shift = LEAF_BITS_SHIFT + FANOUT_SHIFT * (level - 1);
+        let first = if range.start > base {
+            ((range.start - base) >> shift) as usize
+        } else {
+            0
+        };
+        for slot in first..FANOUT {
+            let child_base = base + ((slot as u64) << shift);
+            if child_base >= range.end {
+                break;
+            }
+            // A null slot gets a null-for-null exchange, a read-modify-write
+            // that an `insert` installing a node here is ordered with.
+            // AcqRel on success, Acquire on failure (pairs with the
+            // installer's Release, so the node is seen initialised).
+            let child = match node.children[slot].compare_exchange(
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => continue,
+                Err(child) => child,
+            };
+            if level == 1 {
+                // SAFETY: height-1 children are live boxed Leaves (module
+                // invariant; `&self` keeps them alive).
+                let leaf = unsafe { &*child.cast::<Leaf>() };
+                Self::clear_words(&leaf.words, child_base, range.clone(), cleared);
+            } else {
+                // SAFETY: higher children are live boxed Interiors.
+                let interior = unsafe { &*child.cast::<Interior>() };
+                Self::clear_below(interior, level - 1, child_base, range.clone(), cleared);
+            }
+        }
+    }
+
+    /// Marks `folio` absent (a one-folio [`PageStateIndex::clear_run`]).
+    /// Returns whether it was present before.
+    #[cfg(test)]
+    pub(crate) fn remove(&self, folio: u64) -> bool {
+        !self.clear_run(folio, 1).is_empty()
     }
 
     /// The first present folio at or after `from`, if any. Skips whole
@@ -681,6 +793,7 @@ mod tests {
     enum Operation {
         Insert(u64),
         Remove(u64),
+        ClearRun(u64, u64),
         InsertRun(u64, u64),
         InsertRunUnpublished(u64, u64),
     }
@@ -692,6 +805,8 @@ mod tests {
         prop_oneof![
             position.clone().prop_map(Operation::Insert),
             position.clone().prop_map(Operation::Remove),
+            (position.clone(), 0..1600u64)
+                .prop_map(|(start, count)| Operation::ClearRun(start, count)),
             (position.clone(), 0..1600u64)
                 .prop_map(|(start, count)| Operation::InsertRun(start, count)),
             (position, 0..1600u64)
@@ -724,6 +839,13 @@ mod tests {
                     }
                     Operation::Remove(folio) => {
                         prop_assert_eq!(index.remove(folio), model.remove(&folio));
+                    }
+                    Operation::ClearRun(start, count) => {
+                        let end = start.saturating_add(count).min(folios);
+                        let removed = (start..end).filter(|folio| model.remove(folio)).count() as u64;
+                        let cleared = index.clear_run(start, count);
+                        let bits: u64 = cleared.iter().map(|(_, bits)| u64::from(bits.count_ones())).sum();
+                        prop_assert_eq!(bits, removed);
                     }
                     Operation::InsertRun(start, count) | Operation::InsertRunUnpublished(start, count) => {
                         let end = start.saturating_add(count).min(folios);

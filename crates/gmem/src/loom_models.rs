@@ -1,61 +1,71 @@
 //! Loom models of the freeze protocol (`state`): the FROZEN flag, the SRCU
-//! domain, the invalidate lock and the page-state index, run against a
-//! modelled kernel page. The kernel page is a `loom::cell::UnsafeCell`, so
-//! loom also reports any kernel call that is not ordered after the ones it
-//! must follow (an allocation not waited for by `freeze`, a fault and a
-//! punch not serialised by the invalidate lock).
+//! domain, the invalidate lock, the punch sequence and the page-state index,
+//! run against a modelled kernel page. The kernel page sits behind a loom
+//! mutex, as a real file's pages behind the kernel's own locks: a fault's
+//! allocation and a punch may reach the kernel in either order (the fault
+//! path takes no lock), and the models check the outcome, the index equal to
+//! the kernel's page and nothing changed after `freeze` returned.
 //!
 //! Run: `RUSTFLAGS="--cfg loom" cargo test -p gmem --release --lib loom_`.
 
-use loom::cell::UnsafeCell;
-use loom::sync::Arc;
+use loom::sync::{Arc, Mutex};
 use loom::thread;
 use srcu::Srcu;
 
 use crate::state::{FileState, Refused};
 
-/// One file of one folio, its kernel page, and the domain.
+/// One modelled folio of a file, its kernel page, and the domain.
 struct Model {
     domain: Srcu,
     state: FileState,
-    kernel_page: UnsafeCell<bool>,
+    /// The folio the model faults and punches.
+    folio: u64,
+    kernel_page: Mutex<bool>,
 }
 
 impl Model {
+    /// A file of one folio (a flat index).
     fn new(present: bool) -> Arc<Model> {
-        let state = FileState::new(1);
+        Model::with_file(1, 0, present)
+    }
+
+    /// A file of `folios` folios whose folio `folio` is modelled.
+    fn with_file(folios: u64, folio: u64, present: bool) -> Arc<Model> {
+        let state = FileState::new(folios);
         if present {
-            state.record_present(0);
+            state.record_present(folio);
         }
         Arc::new(Model {
             domain: Srcu::new(),
             state,
-            kernel_page: UnsafeCell::new(present),
+            folio,
+            kernel_page: Mutex::new(present),
         })
     }
 
     /// The fault path's slow half, allocating the modelled page.
     fn fault(&self) -> Result<bool, Refused<()>> {
-        self.state.fault(&self.domain, 0, |_| {
-            // SAFETY: loom checks that this write is ordered with every
-            // other access to the modelled page.
-            self.kernel_page.with_mut(|page| unsafe { *page = true });
+        self.state.fault(&self.domain, self.folio, |_| {
+            *self.kernel_page.lock().expect("kernel page") = true;
             Ok(())
         })
     }
 
     fn punch(&self) -> Result<(), Refused<()>> {
-        self.state.punch_range(&self.domain, 0..1, || {
-            // SAFETY: as in `fault`.
-            self.kernel_page.with_mut(|page| unsafe { *page = false });
-            Ok(())
-        })
+        self.state
+            .punch_range(&self.domain, self.folio..self.folio + 1, || {
+                *self.kernel_page.lock().expect("kernel page") = false;
+                Ok(())
+            })
     }
 
-    /// The kernel's truth; loom reports a read not ordered after a write.
+    /// The kernel's truth.
     fn kernel_has_page(&self) -> bool {
-        // SAFETY: as in `fault`.
-        self.kernel_page.with(|page| unsafe { *page })
+        *self.kernel_page.lock().expect("kernel page")
+    }
+
+    fn index_has_page(&self) -> bool {
+        self.state.index().contains(self.folio)
     }
 }
 
@@ -77,7 +87,7 @@ fn loom_allocation_races_freeze() {
             at_freeze,
             "allocated after freeze returned"
         );
-        assert_eq!(model.state.index().contains(0), at_freeze);
+        assert_eq!(model.index_has_page(), at_freeze);
         match result {
             Ok(allocated) => assert!(allocated && at_freeze),
             Err(refused) => assert!(refused == Refused::Frozen && !at_freeze),
@@ -102,25 +112,41 @@ fn loom_punch_races_freeze() {
             at_freeze,
             "punched after freeze returned"
         );
-        assert_eq!(model.state.index().contains(0), at_freeze);
+        assert_eq!(model.index_has_page(), at_freeze);
         assert_eq!(result.is_ok(), !at_freeze);
     });
 }
 
+/// A fault (lock-free) racing a punch of its folio: whichever order their
+/// kernel calls take, the index ends equal to the kernel page.
+fn fault_races_punch(model: Arc<Model>) {
+    let faulter = {
+        let model = model.clone();
+        thread::spawn(move || model.fault())
+    };
+    model.punch().expect("not frozen");
+    faulter.join().expect("faulter").expect("not frozen");
+    assert_eq!(model.index_has_page(), model.kernel_has_page());
+}
+
 #[test]
 fn loom_fault_races_punch_index_stays_exact() {
-    // The invalidate lock serialises the kernel calls (loom reports the
-    // race otherwise) and the index ends equal to the kernel page.
-    loom::model(|| {
-        let model = Model::new(false);
-        let faulter = {
-            let model = model.clone();
-            thread::spawn(move || model.fault())
-        };
-        model.punch().expect("not frozen");
-        faulter.join().expect("faulter").expect("not frozen");
-        assert_eq!(model.state.index().contains(0), model.kernel_has_page());
-    });
+    loom::model(|| fault_races_punch(Model::new(false)));
+}
+
+#[test]
+fn loom_fault_races_punch_over_a_leaf_not_yet_made() {
+    // A file of two leaves whose second leaf does not exist yet: the fault
+    // installs it while the punch walks the range, so the punch meets the
+    // fault on the child slot, not on a bit word.
+    loom::model(|| fault_races_punch(Model::with_file(1024, 600, false)));
+}
+
+#[test]
+fn loom_fault_races_punch_of_a_present_folio() {
+    // The folio is present: a fault that still sees it returns at once; one
+    // that sees it punched allocates it again.
+    loom::model(|| fault_races_punch(Model::new(true)));
 }
 
 #[test]
@@ -137,6 +163,6 @@ fn loom_unfreeze_needs_no_grace_period() {
         assert!(model.state.unfreeze());
         let result = faulter.join().expect("faulter");
         assert_eq!(result.is_ok(), model.kernel_has_page());
-        assert_eq!(model.state.index().contains(0), model.kernel_has_page());
+        assert_eq!(model.index_has_page(), model.kernel_has_page());
     });
 }
