@@ -1,7 +1,8 @@
 //! Prints the gmem benchmark table (markdown), every row measured side by
 //! side in one run: `cargo run --release -p gmem --example bench_table`.
-//! Each cell is the median of 11 rounds with the (min–max) over rounds; the
-//! ratios compare rows measured in the same round. Do not trust it while other work loads the machine.
+//! Each cell is the median of 11 rounds (31 for the missing-page rows) with
+//! the (min–max) over rounds; the ratios compare rows measured in the same
+//! round. Do not trust it while other work loads the machine.
 //! The measurements are `gmem::bench` (feature `bench`), shared with the
 //! criterion benchmark and `gmemctl bench`.
 
@@ -11,6 +12,8 @@ use gmem::bench as measure;
 use measure::{Allocation, spread};
 
 const ROUNDS: usize = 11;
+/// Rounds of the missing-page rows (see there).
+const MISSING_ROUNDS: usize = 31;
 
 fn nanoseconds(duration: Duration, iterations: u64) -> f64 {
     duration.as_nanos() as f64 / iterations as f64
@@ -43,9 +46,12 @@ fn main() {
 
     let mut missing = Vec::new();
     for count in [1, threads] {
-        let iterations = 8_000;
+        // The whole file per measurement and more rounds than the other
+        // rows: a ratio of two ~0.5 µs system calls drifts by several
+        // percent between 4 ms measurements on this machine.
+        let iterations = measure::PAGES;
         let mut rounds = Vec::new();
-        for round in 0..ROUNDS {
+        for round in 0..MISSING_ROUNDS {
             // Alternate the order of the three rows between rounds, so a
             // drift in machine load does not favour one of them.
             let measure_kind = |kind| {

@@ -91,7 +91,7 @@ impl Plan {
             read_duration: Duration::from_millis(if quick { 30 } else { 200 }),
             synchronize_samples: if quick { 200 } else { 2000 },
             lookups: if quick { 200_000 } else { 2_000_000 },
-            allocations: if quick { 4096 } else { 8192 },
+            allocations: if quick { 4096 } else { gmem::bench::PAGES },
             freezes: if quick { 200 } else { 2000 },
             touches: if quick { 4096 } else { 16_384 },
             memory_files: 512,
