@@ -38,6 +38,13 @@
 //!    toucher is only woken. (Verified on Linux 6.18: after fallocate puts
 //!    the folio in the shmem page cache, UFFDIO_WAKE makes the toucher retry
 //!    and map it; MISSING mode fires only for pages absent from the cache.)
+//! 4. A fault racing a punch hole of its page: while another thread's
+//!    `get_folio` redoes an allocation the punch overlapped, the index can
+//!    show the folio present a system call before the kernel has it again
+//!    (see gmem's `state`). This handler's `get_folio` then finds it
+//!    present and wakes the toucher, whose retry faults again if the page
+//!    is still missing: a second message, served the same way once it is
+//!    there. Nothing is allocated behind `get_folio`, nothing lost.
 //!
 //! Shutdown: the handler is asked to stop; it first serves every fault
 //! already queued, then stops only if nothing is parked. Waking a parked
