@@ -95,11 +95,32 @@ fn freeze_latency(criterion: &mut Criterion) {
     group.finish();
 }
 
+fn punch_latency(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("punch_mapped_page_while_allocating");
+    group.sample_size(20);
+    for threads in [0, many_threads()] {
+        group.bench_with_input(
+            BenchmarkId::from_parameter(threads),
+            &threads,
+            |bencher, &threads| {
+                bencher.iter_custom(|iterations| {
+                    measure::punch_while_faulting(threads, iterations)
+                        .expect("punch while faulting")
+                        .into_iter()
+                        .sum::<Duration>()
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     get_folio_present,
     freeze_check,
     allocate_missing,
-    freeze_latency
+    freeze_latency,
+    punch_latency
 );
 criterion_main!(benches);

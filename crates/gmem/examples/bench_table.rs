@@ -130,4 +130,22 @@ fn main() {
         freeze(0),
         freeze(threads)
     );
+
+    let punch = |allocating| {
+        spread(
+            (0..ROUNDS)
+                .map(|_| {
+                    let latencies = measure::punch_while_faulting(allocating, 200)
+                        .expect("punch while faulting");
+                    nanoseconds(latencies.into_iter().sum(), 200) / 1000.0
+                })
+                .collect(),
+            " µs",
+        )
+    };
+    println!(
+        "| punch hole of one mapped page: idle file (column 1), while {threads} threads allocate in it (column 2) | {} | {} | |",
+        punch(0),
+        punch(threads)
+    );
 }

@@ -290,6 +290,71 @@ pub fn freeze_while_faulting(
     Ok(latencies)
 }
 
+/// `iterations` individual latencies of a punch hole of one page that was
+/// touched through the file's mapping (so the punch also unmaps it), while
+/// `allocating` threads fault pages of the upper half of the same file and
+/// punch their share of it empty again after each pass. The timed pages
+/// are in the lower half, one per iteration, faulted and written untimed.
+///
+/// Errors: those of [`empty_file`], of mapping and writing the file, and of
+/// the faults and punches; EINVAL (`Unsupported`) for more allocating
+/// threads than pages in half the file.
+pub fn punch_while_faulting(
+    allocating: usize,
+    iterations: u64,
+) -> Result<Vec<Duration>, BenchError> {
+    let half = PAGES / 2;
+    if allocating as u64 > half {
+        return Err(BenchError::Unsupported {
+            reason: format!("punch_while_faulting with {allocating} allocating threads"),
+        });
+    }
+    let file = empty_file()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..allocating)
+        .map(|thread| {
+            let (file, stop) = (file.clone(), stop.clone());
+            let share = half / allocating as u64;
+            let first = half + thread as u64 * share;
+            std::thread::spawn(move || -> Result<(), BenchError> {
+                while !stop.load(Ordering::Relaxed) {
+                    for index in first..first + share {
+                        black_box(file.get_folio(PageIndex(index))?);
+                    }
+                    file.fallocate(
+                        FallocMode::PUNCH,
+                        (first * PAGE) as i64,
+                        (share * PAGE) as i64,
+                    )?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(iterations as usize);
+    let measured = (|| -> Result<(), BenchError> {
+        let mapping = file.mapping()?;
+        for step in 0..iterations {
+            let index = step % half;
+            file.get_folio(PageIndex(index))?;
+            mapping.write(index * PAGE, &[1])?;
+            let start = Instant::now();
+            file.fallocate(FallocMode::PUNCH, (index * PAGE) as i64, PAGE as i64)?;
+            latencies.push(start.elapsed());
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        match worker.join() {
+            Ok(result) => result?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+    measured?;
+    Ok(latencies)
+}
+
 /// Runs `make(thread)`'s closure on `threads` threads; the mean of their
 /// returned durations, or the first error. A panic in a thread is resumed.
 fn run_threads<F, W>(threads: usize, make: F) -> Result<Duration, BenchError>
@@ -461,5 +526,18 @@ mod tests {
     #[test]
     fn freeze_while_faulting_returns_one_latency_per_freeze() {
         assert_eq!(freeze_while_faulting(1, 5).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn punch_while_faulting_times_every_punch_and_refuses_too_many_threads() {
+        for allocating in [0, 2] {
+            let latencies = punch_while_faulting(allocating, 40).unwrap();
+            assert_eq!(latencies.len(), 40);
+            assert!(latencies.iter().all(|latency| *latency > Duration::ZERO));
+        }
+        assert!(matches!(
+            punch_while_faulting(PAGES as usize, 1),
+            Err(BenchError::Unsupported { .. })
+        ));
     }
 }

@@ -115,6 +115,8 @@ fn expected_figures(threads: usize, sizes: &[u64]) -> Vec<(String, bool)> {
     expected.push(("gmem.freeze.idle".to_owned(), true));
     expected.push(("gmem.freeze.faulting_1t".to_owned(), true));
     expected.push((format!("gmem.freeze.faulting_{threads}t"), true));
+    expected.push(("gmem.punch.idle".to_owned(), true));
+    expected.push((format!("gmem.punch.allocating_{threads}t"), true));
     for kind in [
         "service",
         "service_one_cpu",

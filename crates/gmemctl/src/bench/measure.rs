@@ -127,7 +127,7 @@ impl Plan {
     pub fn steps(&self) -> usize {
         let read = self.rounds * srcu::bench::CONTENDERS.len() * self.thread_counts.len();
         let synchronize = 4;
-        let gmem = self.rounds * 2 * 5 + self.freeze_thread_counts().len();
+        let gmem = self.rounds * 2 * 5 + self.freeze_thread_counts().len() + 2;
         let first_touch = self.rounds * 5;
         let memory = 2;
         let handover = 2 * self.guest_sizes.len() * self.handover_runs * (1 + Transport::ALL.len());
@@ -423,6 +423,34 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
                 Some("gmem.freeze.idle".to_owned()),
             );
         }
+    }
+    for allocating in [0, plan.threads] {
+        collector.progress.step(&format!(
+            "gmem punch hole of a mapped page with {} allocating, {} punches",
+            thread_label(allocating),
+            plan.freezes
+        ));
+        let latencies: Vec<f64> = gmem::bench::punch_while_faulting(allocating, plan.freezes)?
+            .into_iter()
+            .map(microseconds)
+            .collect();
+        let (id, name, baseline) = if allocating == 0 {
+            (
+                "gmem.punch.idle".to_owned(),
+                "punch hole of one mapped page, idle file".to_owned(),
+                None,
+            )
+        } else {
+            (
+                format!("gmem.punch.allocating_{allocating}t"),
+                format!(
+                    "punch hole of one mapped page with {} allocating in the file",
+                    thread_label(allocating)
+                ),
+                Some("gmem.punch.idle".to_owned()),
+            )
+        };
+        collector.latency(id, name, Unit::Us, latencies, baseline);
     }
     Ok(())
 }
