@@ -20,6 +20,7 @@ fn first_touch(criterion: &mut Criterion) {
         FirstTouch::Plain,
         FirstTouch::Fallocate,
         FirstTouch::InThreadFloor,
+        FirstTouch::InThreadZeropage,
     ] {
         group.bench_function(format!("{kind:?}"), |bencher| {
             bencher.iter_custom(|iterations| {

@@ -22,7 +22,7 @@
 //! on that CPU: that is the mechanism's own cost, and what a busy host with
 //! no idle CPUs pays.
 //!
-//! A fifth row, [`FirstTouch::InThreadFloor`], is not a way to run the
+//! The fifth row, [`FirstTouch::InThreadFloor`], is not a way to run the
 //! service but the floor under any userfaultfd design: the mapping is
 //! registered on a SIGBUS-mode userfaultfd, so a first touch raises SIGBUS
 //! in the toucher itself, whose handler calls `get_folio` and maps the page
@@ -31,7 +31,10 @@
 //! the signal's delivery and return, and the allocation. It is measured
 //! only so the service's rows can be read against what userfaultfd can
 //! possibly cost here (vCPU faults cannot take this route, see
-//! `Userfaultfd::open_sigbus`).
+//! `Userfaultfd::open_sigbus`). [`FirstTouch::InThreadZeropage`] goes one
+//! step further and bypasses `get_folio`, which no service may do: one
+//! UFFDIO_ZEROPAGE allocates and maps the page, so its row is the kernel's
+//! own lower bound for a first touch served through userfaultfd.
 
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
@@ -78,12 +81,15 @@ pub enum BenchError {
         errno: Errno,
     },
     /// After a batch of first touches the gmem file did not hold exactly the
-    /// touched pages: some touch was not served through `get_folio`.
-    #[error("{touched} pages touched, but the file records {recorded}")]
+    /// touched pages, in the kernel or (for the kinds that allocate through
+    /// `get_folio`) in its page-state index.
+    #[error("{touched} pages touched, but the file holds {in_kernel} and records {recorded}")]
     Unrecorded {
         /// Pages touched in the batch.
         touched: u64,
-        /// Folios the file's page-state index held afterwards.
+        /// Pages the kernel object holds (fstat's block count).
+        in_kernel: u64,
+        /// Folios the file's page-state index holds.
         recorded: u64,
     },
 }
@@ -110,6 +116,10 @@ pub enum FirstTouch {
     /// (`get_folio`, then MADV_POPULATE_WRITE). The floor of userfaultfd,
     /// not a service mode; see the module documentation.
     InThreadFloor,
+    /// As [`FirstTouch::InThreadFloor`], but the handler allocates and maps
+    /// the page with one UFFDIO_ZEROPAGE, bypassing `get_folio` (nothing
+    /// recorded, no freeze): the kernel's lower bound, never a service.
+    InThreadZeropage,
 }
 
 impl FirstTouch {
@@ -119,9 +129,16 @@ impl FirstTouch {
         match self {
             FirstTouch::ThroughService
             | FirstTouch::ThroughServiceOnOneCpu
-            | FirstTouch::InThreadFloor => true,
+            | FirstTouch::InThreadFloor
+            | FirstTouch::InThreadZeropage => true,
             FirstTouch::Plain | FirstTouch::Fallocate => false,
         }
+    }
+
+    /// Whether every first touch goes through `get_folio` (and so must be
+    /// recorded in the file's page-state index).
+    fn allocates_through_get_folio(self) -> bool {
+        self.touches_gmem_file() && self != FirstTouch::InThreadZeropage
     }
 }
 
@@ -195,6 +212,11 @@ struct InThreadTarget {
     file: Arc<GuestMemFile>,
     base: usize,
     len: usize,
+    /// The SIGBUS-mode userfaultfd the mapping is registered on; freeing
+    /// the target closes it, which unregisters the mapping.
+    userfaultfd: Userfaultfd,
+    /// Allocate with UFFDIO_ZEROPAGE instead of `get_folio`.
+    zeropage: bool,
 }
 
 /// The target of [`serve_own_fault`]; null while no in-thread run is on.
@@ -213,13 +235,15 @@ static IN_THREAD_RUN: Mutex<()> = Mutex::new(());
 struct InThreadFloor {
     former: libc::sigaction,
     target: *mut InThreadTarget,
-    // Closing it unregisters the mapping; after `former` is back.
-    _userfaultfd: Userfaultfd,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl InThreadFloor {
-    fn start(file: &Arc<GuestMemFile>, base: *mut u8) -> Result<InThreadFloor, BenchError> {
+    fn start(
+        file: &Arc<GuestMemFile>,
+        base: *mut u8,
+        zeropage: bool,
+    ) -> Result<InThreadFloor, BenchError> {
         let serial = IN_THREAD_RUN
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -234,6 +258,8 @@ impl InThreadFloor {
             file: file.clone(),
             base: base as usize,
             len: len as usize,
+            userfaultfd,
+            zeropage,
         }));
         // SeqCst: pairs with the handler's SeqCst load (see `serve_own_fault`).
         IN_THREAD_TARGET.store(target, Ordering::SeqCst);
@@ -261,7 +287,6 @@ impl InThreadFloor {
         Ok(InThreadFloor {
             former,
             target,
-            _userfaultfd: userfaultfd,
             _serial: serial,
         })
     }
@@ -279,7 +304,8 @@ impl Drop for InThreadFloor {
             std::thread::yield_now();
         }
         // SAFETY: `target` came from Box::into_raw in `start`; the pointer
-        // is unpublished and no handler still uses it (waited above).
+        // is unpublished and no handler still uses it (waited above). This
+        // also closes the userfaultfd, after the former action is back.
         drop(unsafe { Box::from_raw(self.target) });
     }
 }
@@ -324,13 +350,20 @@ fn serve(target: &InThreadTarget, address: usize) -> bool {
         return false;
     }
     let page = offset as u64 / PAGE;
+    let page_start = (target.base + (page * PAGE) as usize) as *mut libc::c_void;
+    if target.zeropage {
+        // EEXIST: the page appeared meanwhile, nothing left to do.
+        return matches!(
+            target.userfaultfd.zeropage(page_start as u64, PAGE),
+            Ok(()) | Err(Errno::EXIST)
+        );
+    }
     if target.file.get_folio(PageIndex(page)).is_err() {
         return false;
     }
     // Map the page now: otherwise the retried access faults once more to
     // map it (about 1.3 µs on the project machine, a third of the floor).
     // A failure leaves that to the retry.
-    let page_start = (target.base + (page * PAGE) as usize) as *mut libc::c_void;
     // SAFETY: MADV_POPULATE_WRITE on one page of the live, registered
     // mapping only faults the page (now present) into the page tables.
     let _ = unsafe {
@@ -341,6 +374,12 @@ fn serve(target: &InThreadTarget, address: usize) -> bool {
         )
     };
     true
+}
+
+/// Pages the kernel object behind `file` holds (fstat's 512-byte blocks).
+fn kernel_pages(file: &GuestMemFile) -> Result<u64, BenchError> {
+    let stat = rustix::fs::fstat(file.as_fd()).map_err(kernel("fstat of the gmem file"))?;
+    Ok(stat.st_blocks as u64 * 512 / PAGE)
 }
 
 /// Times `iterations` first touches of `kind`; returns the total.
@@ -358,7 +397,10 @@ pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchE
         FirstTouch::ThroughService | FirstTouch::ThroughServiceOnOneCpu => {
             Some(FaultService::start([file.clone()])?)
         }
-        FirstTouch::Plain | FirstTouch::Fallocate | FirstTouch::InThreadFloor => None,
+        FirstTouch::Plain
+        | FirstTouch::Fallocate
+        | FirstTouch::InThreadFloor
+        | FirstTouch::InThreadZeropage => None,
     };
     let plain = PlainMemfd::new()?;
     let base = if kind.touches_gmem_file() {
@@ -368,7 +410,8 @@ pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchE
     };
     // Dropped (handler and userfaultfd gone) before the file is.
     let _in_thread = match kind {
-        FirstTouch::InThreadFloor => Some(InThreadFloor::start(&file, base)?),
+        FirstTouch::InThreadFloor => Some(InThreadFloor::start(&file, base, false)?),
+        FirstTouch::InThreadZeropage => Some(InThreadFloor::start(&file, base, true)?),
         _ => None,
     };
     let mut elapsed = Duration::ZERO;
@@ -381,6 +424,7 @@ pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchE
                 FirstTouch::ThroughService
                 | FirstTouch::ThroughServiceOnOneCpu
                 | FirstTouch::InThreadFloor
+                | FirstTouch::InThreadZeropage
                 | FirstTouch::Plain => {
                     // SAFETY: page < PAGES, so the byte is inside the
                     // PAGES-page mapping; a plain volatile store.
@@ -394,11 +438,16 @@ pub fn first_touch(kind: FirstTouch, iterations: u64) -> Result<Duration, BenchE
         }
         elapsed += start.elapsed();
         done += batch;
-        if kind.touches_gmem_file() && file.populated_count() != batch {
-            return Err(BenchError::Unrecorded {
-                touched: batch,
-                recorded: file.populated_count(),
-            });
+        if kind.touches_gmem_file() {
+            let in_kernel = kernel_pages(&file)?;
+            let recorded = file.populated_count();
+            if in_kernel != batch || (kind.allocates_through_get_folio() && recorded != batch) {
+                return Err(BenchError::Unrecorded {
+                    touched: batch,
+                    in_kernel,
+                    recorded,
+                });
+            }
         }
         // Untimed: empty both files again.
         file.fallocate(FallocMode::PUNCH, 0, (PAGES * PAGE) as i64)?;
@@ -424,6 +473,7 @@ mod tests {
             FirstTouch::Plain,
             FirstTouch::Fallocate,
             FirstTouch::InThreadFloor,
+            FirstTouch::InThreadZeropage,
         ] {
             let affinity = rustix::thread::sched_getaffinity(None).expect("affinity");
             match first_touch(kind, 64) {

@@ -6,8 +6,9 @@
 //! machines lack it.
 //!
 //! What it supports: MISSING-mode registration of shared file mappings
-//! (shmem, hugetlbfs), reading page-fault messages, UFFDIO_WAKE, and a
-//! SIGBUS-mode fd ([`Userfaultfd::open_sigbus`]) for the benchmark. No
+//! (shmem, hugetlbfs), reading page-fault messages, UFFDIO_WAKE, and for the
+//! benchmark a SIGBUS-mode fd ([`Userfaultfd::open_sigbus`]) and
+//! UFFDIO_ZEROPAGE. No
 //! non-cooperative events are requested (fork, remap, remove, unmap): after a
 //! fork the child's copy of a registered range is not registered (the kernel
 //! drops the context without UFFD_FEATURE_EVENT_FORK), and an mremap()ed or
@@ -19,9 +20,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use linux_raw_sys::general::{
     _UFFDIO_WAKE, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID,
     UFFD_PAGEFAULT_FLAG_WRITE, UFFDIO_REGISTER_MODE_MISSING, uffd_msg, uffdio_api, uffdio_range,
-    uffdio_register,
+    uffdio_register, uffdio_zeropage,
 };
-use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE};
+use linux_raw_sys::ioctl::{
+    UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+};
 use rustix::io::Errno;
 use rustix::ioctl::{Opcode, Setter, Updater};
 
@@ -149,6 +152,28 @@ impl Userfaultfd {
         // SAFETY: UFFDIO_WAKE reads one `uffdio_range`.
         unsafe {
             rustix::ioctl::ioctl(&self.fd, Setter::<{ UFFDIO_WAKE as Opcode }, _>::new(range))
+        }
+    }
+
+    /// Allocates zeroed pages for `[start, start + len)` and maps them
+    /// (UFFDIO_ZEROPAGE), waking their waiters. The fault service never
+    /// calls it: its allocations go through `get_folio`. The benchmark's
+    /// lower bound does (`bench`, feature `bench`).
+    ///
+    /// Errors: EEXIST when a page of the range is present already; EINVAL
+    /// for a misaligned or unregistered range.
+    pub fn zeropage(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let mut zeropage = uffdio_zeropage {
+            range: uffdio_range { start, len },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes one `uffdio_zeropage`.
+        unsafe {
+            rustix::ioctl::ioctl(
+                &self.fd,
+                Updater::<{ UFFDIO_ZEROPAGE as Opcode }, _>::new(&mut zeropage),
+            )
         }
     }
 

@@ -123,6 +123,7 @@ fn expected_figures(threads: usize, sizes: &[u64]) -> Vec<(String, bool)> {
         "plain",
         "fallocate",
         "in_thread_floor",
+        "in_thread_zeropage",
     ] {
         expected.push((format!("fault.first_touch.{kind}"), false));
     }

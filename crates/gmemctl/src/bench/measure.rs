@@ -128,7 +128,7 @@ impl Plan {
         let read = self.rounds * srcu::bench::CONTENDERS.len() * self.thread_counts.len();
         let synchronize = 4;
         let gmem = self.rounds * 2 * 5 + self.freeze_thread_counts().len() + 2;
-        let first_touch = self.rounds * 5;
+        let first_touch = self.rounds * 6;
         let memory = 2;
         let handover = 2 * self.guest_sizes.len() * self.handover_runs * (1 + Transport::ALL.len());
         read + synchronize + gmem + first_touch + memory + handover
@@ -466,8 +466,9 @@ pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Re
         (FirstTouch::Plain, "plain"),
         (FirstTouch::Fallocate, "fallocate"),
         (FirstTouch::InThreadFloor, "in_thread_floor"),
+        (FirstTouch::InThreadZeropage, "in_thread_zeropage"),
     ];
-    let mut samples: [Vec<f64>; 5] = Default::default();
+    let mut samples: [Vec<f64>; 6] = Default::default();
     let mut in_thread_skipped = None;
     for round in 0..plan.rounds {
         for (slot, (kind, _)) in kinds.iter().enumerate() {
@@ -496,7 +497,14 @@ pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Re
             }
         }
     }
-    let [service, service_one_cpu, plain, fallocate, in_thread_floor] = samples;
+    let [
+        service,
+        service_one_cpu,
+        plain,
+        fallocate,
+        in_thread_floor,
+        in_thread_zeropage,
+    ] = samples;
     collector.figure(
         "fault.first_touch.service".to_owned(),
         "first touch of a 4 KiB page through the fault service (userfaultfd -> get_folio -> wake)"
@@ -527,15 +535,29 @@ pub fn first_touch_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Re
         Some("fault.first_touch.plain".to_owned()),
     );
     match in_thread_skipped {
-        Some(reason) => collector.skip("fault.first_touch.in_thread_floor".to_owned(), reason),
-        None => collector.figure(
-            "fault.first_touch.in_thread_floor".to_owned(),
-            "floor of userfaultfd: the toucher serves its own fault (SIGBUS mode, get_folio + MADV_POPULATE_WRITE in its handler), not a service mode"
-                .to_owned(),
-            Unit::Us,
-            in_thread_floor,
-            Some("fault.first_touch.plain".to_owned()),
-        ),
+        Some(reason) => {
+            for id in ["in_thread_floor", "in_thread_zeropage"] {
+                collector.skip(format!("fault.first_touch.{id}"), reason.clone());
+            }
+        }
+        None => {
+            collector.figure(
+                "fault.first_touch.in_thread_floor".to_owned(),
+                "floor of userfaultfd: the toucher serves its own fault (SIGBUS mode, get_folio + MADV_POPULATE_WRITE in its handler), not a service mode"
+                    .to_owned(),
+                Unit::Us,
+                in_thread_floor,
+                Some("fault.first_touch.plain".to_owned()),
+            );
+            collector.figure(
+                "fault.first_touch.in_thread_zeropage".to_owned(),
+                "the kernel's lower bound: the same with one UFFDIO_ZEROPAGE instead of get_folio (bypasses gmem, never a service)"
+                    .to_owned(),
+                Unit::Us,
+                in_thread_zeropage,
+                Some("fault.first_touch.plain".to_owned()),
+            );
+        }
     }
     Ok(())
 }
