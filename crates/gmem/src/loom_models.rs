@@ -120,13 +120,20 @@ fn loom_punch_races_freeze() {
 /// A fault (lock-free) racing a punch of its folio: whichever order their
 /// kernel calls take, the index ends equal to the kernel page.
 fn fault_races_punch(model: Arc<Model>) {
+    let started_present = model.index_has_page();
     let faulter = {
         let model = model.clone();
         thread::spawn(move || model.fault())
     };
     model.punch().expect("not frozen");
-    faulter.join().expect("faulter").expect("not frozen");
+    let allocated = faulter.join().expect("faulter").expect("not frozen");
     assert_eq!(model.index_has_page(), model.kernel_has_page());
+    // A fault on an absent folio records it, even when it had to redo the
+    // allocation after an overlapping punch.
+    assert!(
+        allocated || started_present,
+        "an allocating fault said it did not"
+    );
 }
 
 #[test]

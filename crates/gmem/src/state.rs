@@ -192,12 +192,13 @@ impl FileState {
         // Acquire pairs with the Release that ends a punch: a fault that
         // reads the even count a punch left is ordered after its kernel call.
         let punches = self.punches.load(Ordering::Acquire);
+        let mut inserted = false;
         if punches & 1 == 0 {
             if self.index.contains(folio) {
                 return Ok(false);
             }
             allocate(folio).map_err(Refused::Kernel)?;
-            let inserted = self.index.insert(folio);
+            inserted = self.index.insert(folio);
             // Relaxed is enough: when a punch's bit clearing came before the
             // insert's read-modify-write of the word, the insert acquired it,
             // and the punch's increment, sequenced before its clearing, is
@@ -207,6 +208,7 @@ impl FileState {
             }
         }
         self.fault_during_punch(folio, allocate)
+            .map(|again| inserted || again)
     }
 
     /// The fault path when a punch ran meanwhile or is running: under the
