@@ -42,7 +42,13 @@
 //! Drop: lock, release the claim, set the pool to its current size less
 //! what this reservation added, not to the size it had before: another
 //! process may have resized the pool meanwhile, and its pages stay.
+//!
+//! A process ended by a signal drops nothing. [`give_back_on_termination`]
+//! is for a handler of SIGINT or SIGTERM that ends the process: it gives
+//! back what every live reservation added, with no lock and no allocation.
 
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use rustix::io::Errno;
@@ -58,10 +64,30 @@ pub const POOL_DIRECTORY: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 const POOL_SIZE_FILE: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 const FREE_FILE: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
 const RESERVED_FILE: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages";
+/// [`POOL_SIZE_FILE`] for raw system calls (no allocation to make it).
+const POOL_SIZE_PATH: &CStr = c"/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 
-/// Pages claimed by the live reservations of this process; its lock is the
-/// one every pool update of this module runs under.
-static CLAIMED: Mutex<u64> = Mutex::new(0);
+/// The live reservations of this process.
+static LEDGER: Ledger = Ledger::new();
+
+/// What the live reservations of a process hold.
+struct Ledger {
+    /// Pages they claim; its lock is the one every pool update of this
+    /// module runs under.
+    claimed: Mutex<u64>,
+    /// Pages they added to the pool, updated under that lock and read
+    /// without it by [`give_back_on_termination`].
+    added: AtomicU64,
+}
+
+impl Ledger {
+    const fn new() -> Ledger {
+        Ledger {
+            claimed: Mutex::new(0),
+            added: AtomicU64::new(0),
+        }
+    }
+}
 
 /// Why huge pages could not be reserved.
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +208,7 @@ impl HugePageReservation {
     /// - `Write`: the kernel refused the new pool size otherwise.
     /// - `KernelShort` (ENOMEM): the kernel could not make the pages.
     pub fn ensure_available(pages: u64) -> Result<HugePageReservation, HugePageError> {
-        reserve(&KernelPool, &CLAIMED, pages).map(|grant| HugePageReservation { grant })
+        reserve(&KernelPool, &LEDGER, pages).map(|grant| HugePageReservation { grant })
     }
 
     /// [`ensure_available`](Self::ensure_available) for enough pages to
@@ -208,7 +234,7 @@ impl HugePageReservation {
 
 impl Drop for HugePageReservation {
     fn drop(&mut self) {
-        release(&KernelPool, &CLAIMED, &self.grant);
+        release(&KernelPool, &LEDGER, &self.grant);
     }
 }
 
@@ -273,8 +299,8 @@ fn lock(claimed: &Mutex<u64>) -> MutexGuard<'_, u64> {
 }
 
 /// Steps 1-3 of the module's success path and its failure paths.
-fn reserve(pool: &impl Pool, claimed: &Mutex<u64>, pages: u64) -> Result<Grant, HugePageError> {
-    let mut claimed = lock(claimed);
+fn reserve(pool: &impl Pool, ledger: &Ledger, pages: u64) -> Result<Grant, HugePageError> {
+    let mut claimed = lock(&ledger.claimed);
     let previous_pool = pool.size()?;
     let unclaimed = pool.available()?.saturating_sub(*claimed);
     let shortfall = pages.saturating_sub(unclaimed);
@@ -308,18 +334,23 @@ fn reserve(pool: &impl Pool, claimed: &Mutex<u64>, pages: u64) -> Result<Grant, 
         }
     }
     *claimed += pages;
+    // Relaxed: a counter on its own; a terminating handler reads its latest
+    // value with a read-modify-write.
+    ledger.added.fetch_add(grant.added, Ordering::Relaxed);
     Ok(grant)
 }
 
 /// The drop of a reservation: release its claim and the pages it added.
-fn release(pool: &impl Pool, claimed: &Mutex<u64>, grant: &Grant) {
-    let mut claimed = lock(claimed);
+fn release(pool: &impl Pool, ledger: &Ledger, grant: &Grant) {
+    let mut claimed = lock(&ledger.claimed);
     *claimed = claimed.saturating_sub(grant.pages);
+    // Relaxed: as in `reserve`.
+    ledger.added.fetch_sub(grant.added, Ordering::Relaxed);
     give_back(pool, grant.added);
 }
 
 /// Shrinks the pool by `added`, from its current size: pages that others
-/// added meanwhile stay. Runs under the lock of `CLAIMED`.
+/// added meanwhile stay. Runs under the ledger's lock.
 fn give_back(pool: &impl Pool, added: u64) {
     if added == 0 {
         return;
@@ -330,6 +361,89 @@ fn give_back(pool: &impl Pool, added: u64) {
     if let Err(error) = result {
         tracing::warn!(%error, added, "could not give huge pages back to the pool");
     }
+}
+
+/// Gives back every page the live reservations of this process added to
+/// the pool, for a handler of a signal that ends the process (SIGINT,
+/// SIGTERM): a process killed by a signal drops no reservation, and the
+/// pool would stay raised. Returns how many pages it gave back.
+///
+/// Async-signal-safe: no lock (the handler may have interrupted the lock's
+/// holder), no allocation (the pool file is read and written with plain
+/// system calls, the number formatted on the stack). Without the lock it
+/// can miss a reservation that another thread is making or dropping at that
+/// very moment. Afterwards the reservations must not drop (each would give
+/// its pages back a second time): the caller ends the process.
+pub fn give_back_on_termination() -> u64 {
+    // Relaxed: see `reserve`; the swap makes a second call give back nothing.
+    let added = LEDGER.added.swap(0, Ordering::Relaxed);
+    if added == 0 {
+        return 0;
+    }
+    match read_pool_size_raw() {
+        Some(current) if write_pool_size_raw(current.saturating_sub(added)) => added,
+        _ => 0,
+    }
+}
+
+/// The pool size read with plain system calls (see
+/// [`give_back_on_termination`]).
+fn read_pool_size_raw() -> Option<u64> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        POOL_SIZE_PATH,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut text = [0u8; 32];
+    let length = rustix::io::read(&fd, &mut text).ok()?;
+    parse_page_count(text.get(..length)?)
+}
+
+/// Writes the pool size with plain system calls and a stack buffer.
+fn write_pool_size_raw(pages: u64) -> bool {
+    use rustix::fs::{Mode, OFlags};
+    let mut digits = [0u8; 20];
+    let text = format_page_count(pages, &mut digits);
+    let Ok(fd) = rustix::fs::open(
+        POOL_SIZE_PATH,
+        OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    rustix::io::write(&fd, text).is_ok_and(|written| written == text.len())
+}
+
+/// A page count as the pool files hold it: decimal digits and a newline.
+fn parse_page_count(text: &[u8]) -> Option<u64> {
+    let digits = text.trim_ascii_end();
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |count, &digit| {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        count.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })
+}
+
+/// `pages` in decimal, written at the end of `digits` (20 digits hold any
+/// u64); returns the written part.
+fn format_page_count(pages: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut start = digits.len();
+    let mut rest = pages;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    &digits[start..]
 }
 
 #[cfg(test)]
@@ -402,20 +516,45 @@ mod tests {
     #[test]
     fn only_the_shortfall_is_added_and_given_back() {
         let pool = ModelPool::new(2, 100, true);
-        let claimed = Mutex::new(0);
+        let claimed = Ledger::new();
         let grant = reserve(&pool, &claimed, 5).unwrap();
         assert_eq!(grant, Grant { pages: 5, added: 3 });
         assert_eq!(pool.state().size, 5);
-        assert_eq!(*claimed.lock().unwrap(), 5);
+        assert_eq!(*claimed.claimed.lock().unwrap(), 5);
+        assert_eq!(claimed.added.load(Ordering::Relaxed), 3);
         release(&pool, &claimed, &grant);
         assert_eq!(pool.state().size, 2);
-        assert_eq!(*claimed.lock().unwrap(), 0);
+        assert_eq!(*claimed.claimed.lock().unwrap(), 0);
+        assert_eq!(claimed.added.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn page_counts_parse_and_format_without_allocating() {
+        assert_eq!(parse_page_count(b"512\n"), Some(512));
+        assert_eq!(parse_page_count(b"0"), Some(0));
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"12a\n",
+            b"-1",
+            b" 7",
+            b"99999999999999999999999",
+        ] {
+            assert_eq!(parse_page_count(bad), None, "{bad:?}");
+        }
+        let mut digits = [0u8; 20];
+        for pages in [0, 7, 10, 4096, u64::MAX] {
+            let text = format_page_count(pages, &mut digits);
+            assert_eq!(text, pages.to_string().as_bytes());
+            assert_eq!(parse_page_count(text), Some(pages));
+        }
+        assert_eq!(POOL_SIZE_PATH.to_str(), Ok(POOL_SIZE_FILE));
     }
 
     #[test]
     fn enough_available_pages_need_no_write_and_no_root() {
         let pool = ModelPool::new(4, 100, false);
-        let claimed = Mutex::new(0);
+        let claimed = Ledger::new();
         let grant = reserve(&pool, &claimed, 4).unwrap();
         assert_eq!(grant.added, 0);
         release(&pool, &claimed, &grant);
@@ -425,7 +564,7 @@ mod tests {
     #[test]
     fn reservations_held_at_once_add_up() {
         let pool = ModelPool::new(0, 100, true);
-        let claimed = Mutex::new(0);
+        let claimed = Ledger::new();
         let first = reserve(&pool, &claimed, 3).unwrap();
         let second = reserve(&pool, &claimed, 3).unwrap();
         assert_eq!((first.added, second.added), (3, 3));
@@ -438,7 +577,7 @@ mod tests {
     #[test]
     fn pages_a_holder_has_used_do_not_fail_the_next_reservation() {
         let pool = ModelPool::new(0, 100, true);
-        let claimed = Mutex::new(0);
+        let claimed = Ledger::new();
         let first = reserve(&pool, &claimed, 3).unwrap();
         pool.set(|state| state.used = 3);
         let second = reserve(&pool, &claimed, 2).unwrap();
@@ -452,7 +591,7 @@ mod tests {
     #[test]
     fn drop_subtracts_only_what_it_added_when_the_pool_changed_meanwhile() {
         let pool = ModelPool::new(1, 100, true);
-        let claimed = Mutex::new(0);
+        let claimed = Ledger::new();
         let grant = reserve(&pool, &claimed, 4).unwrap();
         assert_eq!(grant.added, 3);
         // Another process raises the pool for itself.
@@ -464,7 +603,7 @@ mod tests {
     #[test]
     fn without_root_a_growing_pool_is_refused_and_nothing_changes() {
         let pool = ModelPool::new(1, 100, false);
-        let claimed = Mutex::new(0);
+        let claimed = Ledger::new();
         let error = reserve(&pool, &claimed, 2).unwrap_err();
         assert!(
             matches!(error, HugePageError::NotPermitted { pool: 2, .. }),
@@ -473,13 +612,13 @@ mod tests {
         assert_eq!(error.errno(), libc::EACCES);
         assert!(error.to_string().contains("needs root"), "{error}");
         assert_eq!(pool.state().size, 1);
-        assert_eq!(*claimed.lock().unwrap(), 0);
+        assert_eq!(*claimed.claimed.lock().unwrap(), 0);
     }
 
     #[test]
     fn a_kernel_short_of_pages_is_reported_and_what_it_made_given_back() {
         let pool = ModelPool::new(1, 3, true);
-        let claimed = Mutex::new(0);
+        let claimed = Ledger::new();
         let error = reserve(&pool, &claimed, 5).unwrap_err();
         assert!(
             matches!(
@@ -495,7 +634,7 @@ mod tests {
         );
         assert_eq!(error.errno(), libc::ENOMEM);
         assert_eq!(pool.state().size, 1);
-        assert_eq!(*claimed.lock().unwrap(), 0);
+        assert_eq!(*claimed.claimed.lock().unwrap(), 0);
     }
 
     #[test]
