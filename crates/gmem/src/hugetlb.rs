@@ -45,7 +45,8 @@
 //!
 //! A process ended by a signal drops nothing. [`give_back_on_termination`]
 //! is for a handler of SIGINT or SIGTERM that ends the process: it gives
-//! back what every live reservation added, with no lock and no allocation.
+//! back what every live reservation added, with no lock and no allocation;
+//! [`give_back_when_ended_by_signal`] installs such a handler.
 
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -383,6 +384,47 @@ pub fn give_back_on_termination() -> u64 {
     match read_pool_size_raw() {
         Some(current) if write_pool_size_raw(current.saturating_sub(added)) => added,
         _ => 0,
+    }
+}
+
+/// The signals that end a process by default and that
+/// [`give_back_when_ended_by_signal`] handles: Ctrl-C, `kill`, a closed
+/// terminal.
+const ENDING_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// For a program that holds reservations (a benchmark raising the pool for
+/// minutes): installs, for the rest of the process, a handler of SIGINT,
+/// SIGTERM and SIGHUP that gives back what the live reservations added
+/// ([`give_back_on_termination`]) and then ends the process by the same
+/// signal with its default action, so the exit status still says what
+/// ended it. It replaces any handler the program had for those signals.
+///
+/// # Errors
+/// sigaction's (EINVAL), which these signals do not meet.
+pub fn give_back_when_ended_by_signal() -> std::io::Result<()> {
+    for signal in ENDING_SIGNALS {
+        // SAFETY: an all-zero sigaction is a valid value (SIG_DFL, empty
+        // mask, no flags), completed below.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = end_by_signal as *const () as libc::sighandler_t;
+        // SAFETY: `action` is a live sigaction; the handler is an `extern
+        // "C"` function taking the signal number; no former action wanted.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Gives the pool back, then ends the process by `signal` itself.
+extern "C" fn end_by_signal(signal: libc::c_int) {
+    give_back_on_termination();
+    // SAFETY: signal(2) and raise(3) are async-signal-safe. The signal is
+    // blocked while this handler runs, so the raised one is delivered, with
+    // the default action (the process ends), when the handler returns.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
     }
 }
 

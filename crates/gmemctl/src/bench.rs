@@ -20,7 +20,6 @@
 //! started again as `gmemctl bench -- ROLE ARGUMENTS...` (hidden), which
 //! plays one side of a handover and exits.
 
-mod interrupt;
 mod measure;
 mod plots;
 mod progress;
@@ -116,7 +115,9 @@ fn saved_report(path: &std::path::Path) -> anyhow::Result<Report> {
 
 /// Runs every measurement of the plan; the report.
 fn measure_all(arguments: &Arguments, sizes: Option<Vec<u64>>) -> anyhow::Result<Report> {
-    interrupt::give_back_huge_pages_when_ended()
+    // The hugetlb figures raise the huge page pool for minutes; a Ctrl-C,
+    // a kill or a closed terminal must not leave it raised.
+    gmem::hugetlb::give_back_when_ended_by_signal()
         .context("installing the handler that gives huge pages back on Ctrl-C")?;
     let plan = Plan::new(arguments.quick, sizes, arguments.copy_dir.clone());
     let load_before = load_average();

@@ -43,7 +43,12 @@ fn main() -> anyhow::Result<()> {
     let launcher = Launcher::current_exe(Vec::<String>::new())?;
     match arguments.first() {
         Some(role) if is_role(role) => Ok(run_role(&arguments, &launcher)?),
-        _ => run_all(launcher),
+        _ => {
+            // The hugetlb rows raise the huge page pool; a Ctrl-C must not
+            // leave it raised.
+            gmem::hugetlb::give_back_when_ended_by_signal()?;
+            run_all(launcher)
+        }
     }
 }
 
