@@ -75,8 +75,9 @@ fn allocate_missing(criterion: &mut Criterion) {
     group.finish();
 }
 
-fn freeze_latency(criterion: &mut Criterion) {
-    let mut group = criterion.benchmark_group("freeze_while_faulting");
+/// A latency measurement timed idle, then with N threads working meanwhile.
+fn latency_group(criterion: &mut Criterion, name: &str, measurement: measure::LatencyMeasurement) {
+    let mut group = criterion.benchmark_group(name);
     group.sample_size(20);
     for threads in [0, many_threads()] {
         group.bench_with_input(
@@ -84,8 +85,8 @@ fn freeze_latency(criterion: &mut Criterion) {
             &threads,
             |bencher, &threads| {
                 bencher.iter_custom(|iterations| {
-                    measure::freeze_while_faulting(threads, iterations)
-                        .expect("freeze while faulting")
+                    measurement(threads, iterations)
+                        .expect(name)
                         .into_iter()
                         .sum::<Duration>()
                 });
@@ -95,24 +96,20 @@ fn freeze_latency(criterion: &mut Criterion) {
     group.finish();
 }
 
+fn freeze_latency(criterion: &mut Criterion) {
+    latency_group(
+        criterion,
+        "freeze_while_faulting",
+        measure::freeze_while_faulting,
+    );
+}
+
 fn punch_latency(criterion: &mut Criterion) {
-    let mut group = criterion.benchmark_group("punch_mapped_page_while_allocating");
-    group.sample_size(20);
-    for threads in [0, many_threads()] {
-        group.bench_with_input(
-            BenchmarkId::from_parameter(threads),
-            &threads,
-            |bencher, &threads| {
-                bencher.iter_custom(|iterations| {
-                    measure::punch_while_faulting(threads, iterations)
-                        .expect("punch while faulting")
-                        .into_iter()
-                        .sum::<Duration>()
-                });
-            },
-        );
-    }
-    group.finish();
+    latency_group(
+        criterion,
+        "punch_mapped_page_while_allocating",
+        measure::punch_while_faulting,
+    );
 }
 
 criterion_group!(

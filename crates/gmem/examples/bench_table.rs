@@ -113,12 +113,13 @@ fn main() {
         check(threads)
     );
 
-    let freeze = |faulting| {
+    // The mean per event of 200 timed events, per round: idle, then with
+    // `busy` threads working meanwhile.
+    let latency = |measurement: measure::LatencyMeasurement, busy| {
         spread(
             (0..ROUNDS)
                 .map(|_| {
-                    let latencies = measure::freeze_while_faulting(faulting, 200)
-                        .expect("freeze while faulting");
+                    let latencies = measurement(busy, 200).expect("latency measurement");
                     nanoseconds(latencies.into_iter().sum(), 200) / 1000.0
                 })
                 .collect(),
@@ -127,25 +128,12 @@ fn main() {
     };
     println!(
         "| freeze(true) latency: idle file (column 1), while {threads} threads fault (column 2) | {} | {} | |",
-        freeze(0),
-        freeze(threads)
+        latency(measure::freeze_while_faulting, 0),
+        latency(measure::freeze_while_faulting, threads)
     );
-
-    let punch = |allocating| {
-        spread(
-            (0..ROUNDS)
-                .map(|_| {
-                    let latencies = measure::punch_while_faulting(allocating, 200)
-                        .expect("punch while faulting");
-                    nanoseconds(latencies.into_iter().sum(), 200) / 1000.0
-                })
-                .collect(),
-            " µs",
-        )
-    };
     println!(
         "| punch hole of one mapped page: idle file (column 1), while {threads} threads allocate in it (column 2) | {} | {} | |",
-        punch(0),
-        punch(threads)
+        latency(measure::punch_while_faulting, 0),
+        latency(measure::punch_while_faulting, threads)
     );
 }

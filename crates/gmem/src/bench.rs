@@ -234,6 +234,11 @@ fn allocate_one(
     Ok(())
 }
 
+/// The shape of the latency measurements ([`freeze_while_faulting`],
+/// [`punch_while_faulting`]): (threads working meanwhile, events to time)
+/// to one duration per event.
+pub type LatencyMeasurement = fn(usize, u64) -> Result<Vec<Duration>, BenchError>;
+
 /// `iterations` individual `freeze(true)` latencies while `faulting`
 /// threads call `get_folio` on the pages of a half-populated file in the
 /// fixed order (present ones are served, missing ones meet the freeze or

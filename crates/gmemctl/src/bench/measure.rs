@@ -390,15 +390,18 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
         );
     }
     for faulting in plan.freeze_thread_counts() {
-        collector.progress.step(&format!(
+        let step = format!(
             "gmem freeze(true) latency with {} faulting, {} freezes",
             thread_label(faulting),
             plan.freezes
-        ));
-        let latencies: Vec<f64> = gmem::bench::freeze_while_faulting(faulting, plan.freezes)?
-            .into_iter()
-            .map(microseconds)
-            .collect();
+        );
+        let latencies = timed_events(
+            collector,
+            &step,
+            gmem::bench::freeze_while_faulting,
+            faulting,
+            plan.freezes,
+        )?;
         if faulting == 0 {
             collector.series.freeze_idle_us = latencies.clone();
             collector.latency(
@@ -425,15 +428,18 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
         }
     }
     for allocating in [0, plan.threads] {
-        collector.progress.step(&format!(
+        let step = format!(
             "gmem punch hole of a mapped page with {} allocating, {} punches",
             thread_label(allocating),
             plan.freezes
-        ));
-        let latencies: Vec<f64> = gmem::bench::punch_while_faulting(allocating, plan.freezes)?
-            .into_iter()
-            .map(microseconds)
-            .collect();
+        );
+        let latencies = timed_events(
+            collector,
+            &step,
+            gmem::bench::punch_while_faulting,
+            allocating,
+            plan.freezes,
+        )?;
         let (id, name, baseline) = if allocating == 0 {
             (
                 "gmem.punch.idle".to_owned(),
@@ -453,6 +459,22 @@ pub fn gmem_figures(plan: &Plan, collector: &mut Collector) -> anyhow::Result<()
         collector.latency(id, name, Unit::Us, latencies, baseline);
     }
     Ok(())
+}
+
+/// One progress step: `events` events of `measurement` timed with `busy`
+/// threads working meanwhile; their latencies in microseconds.
+fn timed_events(
+    collector: &mut Collector,
+    step: &str,
+    measurement: gmem::bench::LatencyMeasurement,
+    busy: usize,
+    events: u64,
+) -> anyhow::Result<Vec<f64>> {
+    collector.progress.step(step);
+    Ok(measurement(busy, events)?
+        .into_iter()
+        .map(microseconds)
+        .collect())
 }
 
 /// The fault service's first touch (handler placed by the scheduler, and
