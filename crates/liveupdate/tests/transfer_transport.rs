@@ -24,22 +24,42 @@ fn peer(role: &str, socket: &str, guest: &[String], flags: &[&str]) -> Process {
     Process::peer(&all)
 }
 
-#[test]
-fn transfer_round_trip_with_a_pre_started_successor() {
-    let (_scratch, socket) = scratch_with_socket("transfer");
-    let guest = guest_arguments(42);
+/// Starts a successor (with `successor_flags`) ahead of the old VMM (with
+/// `old_flags`) on `socket` and waits until the old VMM has offered and the
+/// successor accepted. Returns (old, successor).
+fn offered(
+    socket: &str,
+    guest: &[String],
+    successor_flags: &[&str],
+    old_flags: &[&str],
+) -> (Process, Process) {
     // The successor starts first and waits for the old VMM's socket.
-    let mut successor = peer("transfer-new", &socket, &guest, &[]);
-    let mut old = peer("transfer-old", &socket, &guest, &[]);
+    let mut successor = peer("transfer-new", socket, guest, successor_flags);
+    let mut old = peer("transfer-old", socket, guest, old_flags);
     old.expect("OFFERED");
     successor.expect("READY");
-    // The old process rewrote memory and state after the offer; the switch
-    // carries only the changed state record and the payload.
+    (old, successor)
+}
+
+/// Switches over and returns the successor's VERIFIED line, once both
+/// processes have ended well.
+fn switch_successfully(mut old: Process, mut successor: Process) -> String {
     old.send_line("switch");
     old.expect("SWITCHED");
     let verified = successor.expect("VERIFIED transfer");
     old.wait_success();
     successor.wait_success();
+    verified
+}
+
+#[test]
+fn transfer_round_trip_with_a_pre_started_successor() {
+    let (_scratch, socket) = scratch_with_socket("transfer");
+    let guest = guest_arguments(42);
+    let (old, successor) = offered(&socket, &guest, &[], &[]);
+    // The old process rewrote memory and state after the offer; the switch
+    // carries only the changed state record and the payload.
+    let verified = switch_successfully(old, successor);
     // 7022 pages plus the one the old VMM faulted in between offer and
     // switch, which only the switch's delta told the successor about.
     assert!(verified.contains("small=7023pages"), "{verified}");
@@ -74,10 +94,7 @@ fn a_successor_dying_before_the_switch_leaves_the_old_process_running() {
 fn the_old_process_dying_before_the_switch_stops_the_successor() {
     let (_scratch, socket) = scratch_with_socket("transfer-old-death");
     let guest = small_guest_arguments(44);
-    let mut successor = peer("transfer-new", &socket, &guest, &[]);
-    let mut old = peer("transfer-old", &socket, &guest, &[]);
-    old.expect("OFFERED");
-    successor.expect("READY");
+    let (mut old, mut successor) = offered(&socket, &guest, &[], &[]);
     old.child.kill().unwrap(); // SIGKILL, before any switch
     old.wait();
     let line = successor.expect("NO-SWITCH");
@@ -89,18 +106,11 @@ fn the_old_process_dying_before_the_switch_stops_the_successor() {
 fn a_successor_that_built_the_memory_object_ahead_gets_it_brought_up_to_date() {
     let (_scratch, socket) = scratch_with_socket("transfer-ahead");
     let guest = small_guest_arguments(45);
-    let mut successor = peer("transfer-new", &socket, &guest, &["--build-ahead"]);
-    let mut old = peer("transfer-old", &socket, &guest, &[]);
-    old.expect("OFFERED");
-    successor.expect("READY");
+    let (old, successor) = offered(&socket, &guest, &["--build-ahead"], &[]);
     // The old process faults in a page after the offer: the successor's
     // object, restored from the offer, lacks it until the retrieve at the
     // switch records it.
-    old.send_line("switch");
-    old.expect("SWITCHED");
-    let verified = successor.expect("VERIFIED transfer");
-    old.wait_success();
-    successor.wait_success();
+    let verified = switch_successfully(old, successor);
     assert!(verified.contains("small=7023pages"), "{verified}");
 }
 
@@ -108,13 +118,15 @@ fn a_successor_that_built_the_memory_object_ahead_gets_it_brought_up_to_date() {
 fn a_successor_whose_retrieve_fails_at_the_switch_leaves_the_old_process_running() {
     let (_scratch, socket) = scratch_with_socket("transfer-retrieve-fails");
     let guest = small_guest_arguments(46);
-    let mut successor = peer("transfer-new", &socket, &guest, &["--build-ahead"]);
     // Between offer and switch the old process also frees a page the offer
     // listed: the successor's object built ahead cannot match the final
     // record, so its retrieve fails, before it answers the switch.
-    let mut old = peer("transfer-old", &socket, &guest, &["--punch-after-offer"]);
-    old.expect("OFFERED");
-    successor.expect("READY");
+    let (mut old, mut successor) = offered(
+        &socket,
+        &guest,
+        &["--build-ahead"],
+        &["--punch-after-offer"],
+    );
     old.send_line("switch");
     let failed = old.expect("SWITCH-FAILED");
     assert!(
