@@ -558,16 +558,16 @@ mod tests {
     #[test]
     fn only_the_shortfall_is_added_and_given_back() {
         let pool = ModelPool::new(2, 100, true);
-        let claimed = Ledger::new();
-        let grant = reserve(&pool, &claimed, 5).unwrap();
+        let ledger = Ledger::new();
+        let grant = reserve(&pool, &ledger, 5).unwrap();
         assert_eq!(grant, Grant { pages: 5, added: 3 });
         assert_eq!(pool.state().size, 5);
-        assert_eq!(*claimed.claimed.lock().unwrap(), 5);
-        assert_eq!(claimed.added.load(Ordering::Relaxed), 3);
-        release(&pool, &claimed, &grant);
+        assert_eq!(*ledger.claimed.lock().unwrap(), 5);
+        assert_eq!(ledger.added.load(Ordering::Relaxed), 3);
+        release(&pool, &ledger, &grant);
         assert_eq!(pool.state().size, 2);
-        assert_eq!(*claimed.claimed.lock().unwrap(), 0);
-        assert_eq!(claimed.added.load(Ordering::Relaxed), 0);
+        assert_eq!(*ledger.claimed.lock().unwrap(), 0);
+        assert_eq!(ledger.added.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -596,57 +596,57 @@ mod tests {
     #[test]
     fn enough_available_pages_need_no_write_and_no_root() {
         let pool = ModelPool::new(4, 100, false);
-        let claimed = Ledger::new();
-        let grant = reserve(&pool, &claimed, 4).unwrap();
+        let ledger = Ledger::new();
+        let grant = reserve(&pool, &ledger, 4).unwrap();
         assert_eq!(grant.added, 0);
-        release(&pool, &claimed, &grant);
+        release(&pool, &ledger, &grant);
         assert_eq!((pool.state().size, pool.state().writes), (4, 0));
     }
 
     #[test]
     fn reservations_held_at_once_add_up() {
         let pool = ModelPool::new(0, 100, true);
-        let claimed = Ledger::new();
-        let first = reserve(&pool, &claimed, 3).unwrap();
-        let second = reserve(&pool, &claimed, 3).unwrap();
+        let ledger = Ledger::new();
+        let first = reserve(&pool, &ledger, 3).unwrap();
+        let second = reserve(&pool, &ledger, 3).unwrap();
         assert_eq!((first.added, second.added), (3, 3));
         assert_eq!(pool.state().size, 6);
-        release(&pool, &claimed, &first);
-        release(&pool, &claimed, &second);
+        release(&pool, &ledger, &first);
+        release(&pool, &ledger, &second);
         assert_eq!(pool.state().size, 0);
     }
 
     #[test]
     fn pages_a_holder_has_used_do_not_fail_the_next_reservation() {
         let pool = ModelPool::new(0, 100, true);
-        let claimed = Ledger::new();
-        let first = reserve(&pool, &claimed, 3).unwrap();
+        let ledger = Ledger::new();
+        let first = reserve(&pool, &ledger, 3).unwrap();
         pool.set(|state| state.used = 3);
-        let second = reserve(&pool, &claimed, 2).unwrap();
+        let second = reserve(&pool, &ledger, 2).unwrap();
         assert_eq!(second.added, 2);
         assert_eq!(pool.state().size, 5);
-        release(&pool, &claimed, &second);
-        release(&pool, &claimed, &first);
+        release(&pool, &ledger, &second);
+        release(&pool, &ledger, &first);
         assert_eq!(pool.state().size, 0);
     }
 
     #[test]
     fn drop_subtracts_only_what_it_added_when_the_pool_changed_meanwhile() {
         let pool = ModelPool::new(1, 100, true);
-        let claimed = Ledger::new();
-        let grant = reserve(&pool, &claimed, 4).unwrap();
+        let ledger = Ledger::new();
+        let grant = reserve(&pool, &ledger, 4).unwrap();
         assert_eq!(grant.added, 3);
         // Another process raises the pool for itself.
         pool.set(|state| state.size = 10);
-        release(&pool, &claimed, &grant);
+        release(&pool, &ledger, &grant);
         assert_eq!(pool.state().size, 7);
     }
 
     #[test]
     fn without_root_a_growing_pool_is_refused_and_nothing_changes() {
         let pool = ModelPool::new(1, 100, false);
-        let claimed = Ledger::new();
-        let error = reserve(&pool, &claimed, 2).unwrap_err();
+        let ledger = Ledger::new();
+        let error = reserve(&pool, &ledger, 2).unwrap_err();
         assert!(
             matches!(error, HugePageError::NotPermitted { pool: 2, .. }),
             "{error:?}"
@@ -654,14 +654,14 @@ mod tests {
         assert_eq!(error.errno(), libc::EACCES);
         assert!(error.to_string().contains("needs root"), "{error}");
         assert_eq!(pool.state().size, 1);
-        assert_eq!(*claimed.claimed.lock().unwrap(), 0);
+        assert_eq!(*ledger.claimed.lock().unwrap(), 0);
     }
 
     #[test]
     fn a_kernel_short_of_pages_is_reported_and_what_it_made_given_back() {
         let pool = ModelPool::new(1, 3, true);
-        let claimed = Ledger::new();
-        let error = reserve(&pool, &claimed, 5).unwrap_err();
+        let ledger = Ledger::new();
+        let error = reserve(&pool, &ledger, 5).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -676,7 +676,7 @@ mod tests {
         );
         assert_eq!(error.errno(), libc::ENOMEM);
         assert_eq!(pool.state().size, 1);
-        assert_eq!(*claimed.claimed.lock().unwrap(), 0);
+        assert_eq!(*ledger.claimed.lock().unwrap(), 0);
     }
 
     #[test]
